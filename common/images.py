@@ -1,0 +1,110 @@
+"""Image decoding and validation with Pillow only (used by the front end and the workers).
+
+Every image that reaches a model is RGB, upright (EXIF orientation applied) and within the
+configured pixel limit; anything else is an ImageError that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+
+# Truncated files are errors, never silently half-decoded.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class ImageError(ValueError):
+    """The bytes are not an acceptable image; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    if not data:
+        raise ImageError("image is empty (0 bytes)")
+    if len(data) > limits.max_bytes:
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise ImageError(f"not a readable image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt headers
+        raise ImageError(f"not a readable image: {exc}") from None
+    if image.format not in ALLOWED_FORMATS:
+        raise ImageError(
+            f"image format {image.format} is not accepted; use JPEG, PNG, WebP, BMP, GIF or TIFF"
+        )
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"image has zero size ({width}x{height})")
+    # Checked from the header, before any pixel is decoded: decompression bombs stop here.
+    if width * height > limits.max_pixels:
+        raise ImageError(
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{limits.max_pixels} pixels"
+        )
+    return image
+
+
+def probe_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo:
+    """Validate an image fully (decoding it) and return its format and upright size."""
+    image = decode_image(data, limits)
+    return ImageInfo(format=image.info.get("source_format", ""), width=image.width, height=image.height)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+        scale = 1 / 256 if mode.startswith("I;16") else 1 / 65536
+        return image.convert("I").point(lambda v: v * scale).convert("L").convert("RGB")
+    if mode == "F":
+        return image.convert("L").convert("RGB")
+    if mode == "P":
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """Bytes -> upright RGB PIL image, or ImageError."""
+    image = _open(data, limits)
+    source_format = image.format
+    try:
+        image.seek(0)  # first frame of animations
+        image.load()
+    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+        raise ImageError(f"image data is corrupt or truncated ({source_format}): {exc}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
+        pass
+    image = _to_rgb(image)
+    image.info["source_format"] = source_format
+    return image

@@ -1,0 +1,211 @@
+"""Load a Florence-2 checkpoint (native or remote code) with an explicit attention implementation.
+
+Native: transformers' own `Florence2ForConditionalGeneration` (transformers >= 4.56, no remote code,
+`florence-community/Florence-2-*` layout). Remote code: `microsoft/Florence-2-*` and fine-tunes
+(`auto_map` in config.json), loaded with `trust_remote_code` and the flash_attn shim; that code runs on
+transformers < 4.50 only, which the `legacy` extra installs. A checkpoint that cannot be loaded is a
+ModelLoadError naming it and the cause, never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import flash_attn_shim
+from .model_builder import read_marker
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "native", "remote")
+ATTENTIONS = ("eager", "sdpa")
+DTYPES = ("auto", "fp16", "bf16", "fp32")
+NATIVE_MIN_TRANSFORMERS = (4, 56)
+REMOTE_MAX_TRANSFORMERS = (4, 50)  # exclusive
+
+
+class ModelLoadError(RuntimeError):
+    """A checkpoint could not be loaded; the message names it, the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "eager"
+    kind: str = "auto"
+    revision: str | None = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    kind: str
+    model_id: str
+    revision: str
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    attention: str
+    random_weights: bool
+    load_seconds: float
+    marker: dict = field(default_factory=dict)
+
+    @property
+    def dtype_name(self) -> str:
+        return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(
+            str(self.dtype), str(self.dtype)
+        )
+
+
+def transformers_version() -> tuple[int, int]:
+    from importlib.metadata import version
+
+    parts = version("transformers").split(".")
+    return int(parts[0]), int(parts[1])
+
+
+def can_run(kind: str) -> tuple[bool, str]:
+    """Can this environment run checkpoints of `kind`? (ok, what to do if not)."""
+    current = transformers_version()
+    shown = ".".join(map(str, current))
+    if kind == "native" and current < NATIVE_MIN_TRANSFORMERS:
+        return False, (
+            f"native Florence-2 needs transformers >= 4.56 (this environment has {shown}); "
+            "install the default worker extra: pip install 'florence2-serve[worker]'"
+        )
+    if kind == "remote" and current >= REMOTE_MAX_TRANSFORMERS:
+        return False, (
+            f"remote-code Florence-2 (microsoft/Florence-2-* and fine-tunes) runs on transformers < 4.50 "
+            f"only (this environment has {shown}); install the legacy extra in its own environment: "
+            "pip install 'florence2-serve[legacy]', or use a native checkpoint (florence-community/Florence-2-*)"
+        )
+    return True, ""
+
+
+def _read_config(path_or_id: str, revision: str | None) -> dict:
+    local = Path(path_or_id)
+    if local.exists():
+        config_path = local / "config.json"
+        if not config_path.is_file():
+            raise ModelLoadError(f"could not load {path_or_id}: no config.json in that directory")
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            config_path = Path(cached_file(path_or_id, "config.json", revision=revision))
+        except Exception as exc:  # noqa: BLE001 - hub/offline/permission errors all end here
+            raise ModelLoadError(
+                f"could not load {path_or_id}: not a local directory and not fetchable from the hub "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+    try:
+        return json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load {path_or_id}: unreadable config.json ({exc})") from exc
+
+
+def detect_kind(config: dict) -> str:
+    if "auto_map" in config:
+        return "remote"
+    if config.get("model_type") == "florence2":
+        return "native"
+    raise ModelLoadError(
+        f"config.json has model_type {config.get('model_type')!r} and no auto_map: not a Florence-2 checkpoint"
+    )
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device} requested but CUDA is not available")
+    return resolved
+
+
+def resolve_dtype(dtype: str, device):
+    import torch
+
+    if dtype == "auto":
+        # fp16 on CPU is several times slower than fp32 there.
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+
+
+def _revision_of(path_or_id: str, revision: str | None, config: dict) -> str:
+    if revision:
+        return revision
+    if Path(path_or_id).exists():
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+        return f"local-{digest[:12]}"
+    return "main"
+
+
+def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
+    """Load once per process; raises ModelLoadError with the checkpoint and the cause."""
+    flash_attn_shim.install()
+    started = time.perf_counter()
+    config = _read_config(path_or_id, options.revision)
+    kind = detect_kind(config) if options.kind == "auto" else options.kind
+    ok, advice = can_run(kind)
+    if not ok:
+        raise ModelLoadError(f"cannot load {path_or_id}: {advice}")
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    try:
+        model, processor = _load(kind, path_or_id, options, dtype)
+        model.to(device).eval()
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - report any loader failure with its cause
+        raise ModelLoadError(
+            f"could not load {kind} Florence-2 from {path_or_id}: {type(exc).__name__}: {exc}"
+        ) from exc
+    marker = read_marker(path_or_id) if Path(path_or_id).exists() else {}
+    loaded = LoadedModel(
+        model=model, processor=processor, kind=kind, model_id=str(path_or_id),
+        revision=_revision_of(path_or_id, options.revision, config), device=device, dtype=dtype,
+        attention=options.attention, random_weights=bool(marker.get("random_weights")),
+        load_seconds=time.perf_counter() - started, marker=marker,
+    )
+    if loaded.random_weights:
+        log.warning("model %s has RANDOM weights (built offline for tests/benchmarks)", path_or_id)
+    log.info(
+        "loaded %s Florence-2 %s on %s (%s, attention=%s, flash_attn=%s) in %.2fs",
+        kind, path_or_id, device, loaded.dtype_name, options.attention,
+        flash_attn_shim.status().in_use if flash_attn_shim.status() else "?", loaded.load_seconds,
+    )
+    return loaded
+
+
+def _load(kind: str, path_or_id: str, options: LoadOptions, dtype):
+    import transformers
+
+    common = {"revision": options.revision, "attn_implementation": options.attention}
+    if kind == "native":
+        model = transformers.Florence2ForConditionalGeneration.from_pretrained(path_or_id, dtype=dtype, **common)
+        processor = transformers.AutoProcessor.from_pretrained(path_or_id, revision=options.revision)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path_or_id, trust_remote_code=True, torch_dtype=dtype, **common
+        )
+        processor = transformers.AutoProcessor.from_pretrained(
+            path_or_id, trust_remote_code=True, revision=options.revision
+        )
+    return model, processor
