@@ -122,6 +122,9 @@ def validate_inputs(task: Task, text: str, region: tuple[float, ...] | None) -> 
         raise ValueError(f"task {task.name} needs text input")
     if spec.input is not Input.TEXT and text.strip():
         raise ValueError(f"task {task.name} takes no text input")
+    for other in Task:
+        if other.value.startswith("<") and other.value in text:
+            raise ValueError(f"text input must not contain a task token ({other.value})")
     if spec.input is Input.REGION:
         if region is None:
             raise ValueError(f"task {task.name} needs a region (x1, y1, x2, y2 in pixels)")
