@@ -61,6 +61,111 @@ def make_test_model(directory: str, size: str, remote_code: bool) -> None:
     click.echo(str(path))
 
 
+@cli.command()
+@click.option("--model", "model", required=True, help="NAME=PATH_OR_ID of the model this worker holds.")
+@click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis URL (env REDIS_URL).")
+@click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
+@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None)
+@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None)
+@click.option("--kind", type=click.Choice(["auto", "native", "remote"]), default=None,
+              help="Checkpoint kind; auto reads config.json (auto_map means remote code).")
+@click.option("--batch-size", type=int, default=None, help="Most jobs per generate (default 8).")
+@click.option("--batch-wait-ms", type=float, default=None, help="Wait this long for more jobs (default 5).")
+@click.option("--worker-id", default=None)
+def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id):
+    """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results."""
+    from florence2_serve.worker.settings import WorkerSettings
+
+    try:
+        settings = WorkerSettings.from_env(
+            model, redis_url=redis_url, device=device, dtype=dtype, attention=attention, kind=kind,
+            batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    from florence2_serve.worker.service import run_worker
+
+    sys.exit(run_worker(settings))
+
+
+def _server_options(function):
+    for option in reversed([
+        click.option("--address", default=None, help="host:port to listen on (env FLORENCE2_ADDRESS)."),
+        click.option("--max-message-bytes", type=int, default=None),
+        click.option("--max-image-pixels", type=int, default=None),
+        click.option("--max-queue-depth", type=int, default=None),
+        click.option("--result-ttl", "result_ttl_s", type=int, default=None, help="Seconds jobs and results are kept."),
+        click.option("--token", default=None, help="Require this bearer token (env FLORENCE2_TOKEN)."),
+        click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."),
+    ]):
+        function = option(function)
+    return function
+
+
+@cli.command()
+@click.option("--redis-url", envvar="REDIS_URL", default=None)
+@_server_options
+def serve(redis_url, **options):
+    """The gRPC front end alone (workers run elsewhere, pointed at the same Redis)."""
+    import asyncio
+
+    from florence2_serve.server.app import serve as serve_forever
+    from florence2_serve.server.settings import ServerSettings
+
+    settings = ServerSettings.from_env(redis_url=redis_url, **options)
+    asyncio.run(serve_forever(settings, ready=lambda port: click.echo(f"listening on port {port}", err=True)))
+
+
+@cli.command()
+@click.option("--model", "models", multiple=True, help="NAME=PATH_OR_ID (repeatable).",
+              default=["base=florence-community/Florence-2-base"], show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers per model.")
+@click.option("--device", default=None, help="Worker device (auto, cpu, cuda:0, ...).")
+@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None)
+@click.option("--batch-size", type=int, default=None)
+@_server_options
+def up(models, workers, device, attention, batch_size, address, **server_options):
+    """Everything on one machine: embedded valkey (unless REDIS_URL), front end, N workers."""
+    import os
+    import signal
+    import threading
+
+    from florence2_serve.server.stack import LocalStack, StackConfig, StackError
+
+    worker_args = []
+    for flag, value in (("--device", device), ("--attention", attention), ("--batch-size", batch_size)):
+        if value is not None:
+            worker_args += [flag, str(value)]
+    config = StackConfig(
+        models=list(models), workers=workers, redis_url=os.environ.get("REDIS_URL") or None,
+        address=address or "127.0.0.1:50051", worker_args=worker_args,
+        server_settings={k: v for k, v in server_options.items() if v is not None},
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        with LocalStack(config) as stack:
+            names = ", ".join(m.split("=", 1)[0] for m in models)
+            click.echo(f"florence2 serving {names} at {stack.address} (redis {stack.redis_url}); Ctrl-C stops", err=True)
+            click.echo(stack.address)
+            while not stop.wait(0.5):
+                pass
+            click.echo("stopping", err=True)
+    except StackError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+def _add_client_commands() -> None:
+    from .cli_client import detect, health, job, models
+
+    for command in (detect, models, job, health):
+        cli.add_command(command)
+
+
+_add_client_commands()
+
+
 def main() -> None:
     cli(prog_name="florence2")
 

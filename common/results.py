@@ -53,6 +53,7 @@ class TaskResult:
     model_revision: str = ""
     worker_id: str = ""
     generated_tokens: int = 0
+    batch_size: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from florence2_serve.common.tasks import Task
-from florence2_serve.worker.engine import Florence2Engine, GenerationSettings, InferenceRequest
+from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
 from florence2_serve.worker.model_builder import lesson_images
 
 

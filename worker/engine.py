@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from florence2_serve.common.generation import GenerationSettings
 from florence2_serve.common.postprocess import parse_generation
 from florence2_serve.common.results import TaskResult
 from florence2_serve.common.tasks import Task, build_prompt
@@ -22,34 +23,6 @@ from florence2_serve.common.tasks import Task, build_prompt
 from .loader import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Defaults are the reference run's: beam search with 3 beams, up to 1024 new tokens, no sampling."""
-
-    num_beams: int = 3
-    max_new_tokens: int = 1024
-    min_new_tokens: int = 0
-    repetition_penalty: float = 1.0
-
-    def __post_init__(self):
-        if not 1 <= self.num_beams <= 16:
-            raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}")
-        if not 1 <= self.max_new_tokens <= 4096:
-            raise ValueError(f"max_new_tokens must be between 1 and 4096, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be positive")
-
-    def generate_kwargs(self) -> dict:
-        kwargs = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "do_sample": False}
-        if self.min_new_tokens:
-            kwargs["min_new_tokens"] = self.min_new_tokens
-        if self.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
 
 
 @dataclass
@@ -165,6 +138,7 @@ class Florence2Engine:
             result.generated_tokens = int((row != pad_id).sum().item()) - 1  # minus the decoder start
             result.model_id = loaded.model_id
             result.model_revision = loaded.revision
+            result.batch_size = len(group)
             result.timings.preprocess_ms = (preprocessed - started) * 1000
             result.timings.generate_ms = (generated_at - preprocessed) * 1000
             result.timings.postprocess_ms = (time.perf_counter() - post_started) * 1000

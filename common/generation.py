@@ -1,0 +1,36 @@
+"""Generation options of a request, validated the same way by the front end and the workers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Defaults are the reference run's: beam search with 3 beams, up to 1024 new tokens, no sampling."""
+
+    num_beams: int = 3
+    max_new_tokens: int = 1024
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not 1 <= self.num_beams <= 16:
+            raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}")
+        if not 1 <= self.max_new_tokens <= 4096:
+            raise ValueError(f"max_new_tokens must be between 1 and 4096, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be positive")
+
+    def generate_kwargs(self) -> dict:
+        kwargs = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "do_sample": False}
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,366 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_UNSPECIFIED: _ClassVar[Task]
+    TASK_CAPTION: _ClassVar[Task]
+    TASK_DETAILED_CAPTION: _ClassVar[Task]
+    TASK_MORE_DETAILED_CAPTION: _ClassVar[Task]
+    TASK_OD: _ClassVar[Task]
+    TASK_DENSE_REGION_CAPTION: _ClassVar[Task]
+    TASK_REGION_PROPOSAL: _ClassVar[Task]
+    TASK_CAPTION_TO_PHRASE_GROUNDING: _ClassVar[Task]
+    TASK_REFERRING_EXPRESSION_SEGMENTATION: _ClassVar[Task]
+    TASK_REGION_TO_SEGMENTATION: _ClassVar[Task]
+    TASK_OPEN_VOCABULARY_DETECTION: _ClassVar[Task]
+    TASK_REGION_TO_CATEGORY: _ClassVar[Task]
+    TASK_REGION_TO_DESCRIPTION: _ClassVar[Task]
+    TASK_REGION_TO_OCR: _ClassVar[Task]
+    TASK_OCR: _ClassVar[Task]
+    TASK_OCR_WITH_REGION: _ClassVar[Task]
+    TASK_DETECT: _ClassVar[Task]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_EXPIRED: _ClassVar[JobState]
+
+class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EVENT_TYPE_UNSPECIFIED: _ClassVar[EventType]
+    EVENT_TYPE_QUEUED: _ClassVar[EventType]
+    EVENT_TYPE_STARTED: _ClassVar[EventType]
+    EVENT_TYPE_RESULT: _ClassVar[EventType]
+    EVENT_TYPE_DONE: _ClassVar[EventType]
+    EVENT_TYPE_FAILED: _ClassVar[EventType]
+    EVENT_TYPE_CANCELLED: _ClassVar[EventType]
+TASK_UNSPECIFIED: Task
+TASK_CAPTION: Task
+TASK_DETAILED_CAPTION: Task
+TASK_MORE_DETAILED_CAPTION: Task
+TASK_OD: Task
+TASK_DENSE_REGION_CAPTION: Task
+TASK_REGION_PROPOSAL: Task
+TASK_CAPTION_TO_PHRASE_GROUNDING: Task
+TASK_REFERRING_EXPRESSION_SEGMENTATION: Task
+TASK_REGION_TO_SEGMENTATION: Task
+TASK_OPEN_VOCABULARY_DETECTION: Task
+TASK_REGION_TO_CATEGORY: Task
+TASK_REGION_TO_DESCRIPTION: Task
+TASK_REGION_TO_OCR: Task
+TASK_OCR: Task
+TASK_OCR_WITH_REGION: Task
+TASK_DETECT: Task
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
+JOB_STATE_EXPIRED: JobState
+EVENT_TYPE_UNSPECIFIED: EventType
+EVENT_TYPE_QUEUED: EventType
+EVENT_TYPE_STARTED: EventType
+EVENT_TYPE_RESULT: EventType
+EVENT_TYPE_DONE: EventType
+EVENT_TYPE_FAILED: EventType
+EVENT_TYPE_CANCELLED: EventType
+
+class Region(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class GenerationOptions(_message.Message):
+    __slots__ = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty")
+    NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    num_beams: int
+    max_new_tokens: int
+    min_new_tokens: int
+    repetition_penalty: float
+    def __init__(self, num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
+
+class JobSpec(_message.Message):
+    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    task: Task
+    image: bytes
+    text: str
+    region: Region
+    generation: GenerationOptions
+    request_id: str
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobSpec
+    def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class SubmitResponse(_message.Message):
+    __slots__ = ("job_id", "created", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    created: bool
+    state: JobState
+    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+
+class RunRequest(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobSpec
+    def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
+
+class RunResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: JobEvent
+    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("job_id", "after_event_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    after_event_id: str
+    def __init__(self, job_id: _Optional[str] = ..., after_event_id: _Optional[str] = ...) -> None: ...
+
+class WatchResponse(_message.Message):
+    __slots__ = ("event",)
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    event: JobEvent
+    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job_id", "state", "cancelled")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    cancelled: bool
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., cancelled: _Optional[bool] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2", "label", "score")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Polygon(_message.Message):
+    __slots__ = ("points", "label")
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedScalarFieldContainer[float]
+    label: str
+    def __init__(self, points: _Optional[_Iterable[float]] = ..., label: _Optional[str] = ...) -> None: ...
+
+class OcrQuad(_message.Message):
+    __slots__ = ("points", "text")
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedScalarFieldContainer[float]
+    text: str
+    def __init__(self, points: _Optional[_Iterable[float]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_ms", "preprocess_ms", "generate_ms", "postprocess_ms")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
+    POSTPROCESS_MS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    preprocess_ms: float
+    generate_ms: float
+    postprocess_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., preprocess_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., postprocess_ms: _Optional[float] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("task", "text", "boxes", "polygons", "ocr", "raw_text", "image_width", "image_height", "model_id", "model_revision", "worker_id", "timings", "generated_tokens", "batch_size")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    POLYGONS_FIELD_NUMBER: _ClassVar[int]
+    OCR_FIELD_NUMBER: _ClassVar[int]
+    RAW_TEXT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    text: str
+    boxes: _containers.RepeatedCompositeFieldContainer[Box]
+    polygons: _containers.RepeatedCompositeFieldContainer[Polygon]
+    ocr: _containers.RepeatedCompositeFieldContainer[OcrQuad]
+    raw_text: str
+    image_width: int
+    image_height: int
+    model_id: str
+    model_revision: str
+    worker_id: str
+    timings: Timings
+    generated_tokens: int
+    batch_size: int
+    def __init__(self, task: _Optional[_Union[Task, str]] = ..., text: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., ocr: _Optional[_Iterable[_Union[OcrQuad, _Mapping]]] = ..., raw_text: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., worker_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("event_id", "job_id", "type", "state", "result", "error", "time")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    job_id: str
+    type: EventType
+    state: JobState
+    result: Result
+    error: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, event_id: _Optional[str] = ..., job_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "request_id", "model", "task", "state", "result", "error", "created_time", "deadline", "worker_id")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_TIME_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    request_id: str
+    model: str
+    task: Task
+    state: JobState
+    result: Result
+    error: str
+    created_time: _timestamp_pb2.Timestamp
+    deadline: _timestamp_pb2.Timestamp
+    worker_id: str
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[str] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "host", "device", "dtype", "attention", "batch_size", "model_id", "model_revision", "random_weights", "jobs_done", "generate_calls", "state")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_REVISION_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_DONE_FIELD_NUMBER: _ClassVar[int]
+    GENERATE_CALLS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    host: str
+    device: str
+    dtype: str
+    attention: str
+    batch_size: int
+    model_id: str
+    model_revision: str
+    random_weights: bool
+    jobs_done: int
+    generate_calls: int
+    state: str
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., batch_size: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., random_weights: _Optional[bool] = ..., jobs_done: _Optional[int] = ..., generate_calls: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "workers", "live_workers", "queue_depth", "random_weights")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    live_workers: int
+    queue_depth: int
+    random_weights: bool
+    def __init__(self, name: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., live_workers: _Optional[int] = ..., queue_depth: _Optional[int] = ..., random_weights: _Optional[bool] = ...) -> None: ...

@@ -1,0 +1,125 @@
+"""Front-end assembly: `create_server(settings) -> (server, port)`, health, reflection, auth, serve()."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from florence2_serve.v1 import florence2_pb2 as pb
+from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
+
+from .jobs import JobStore
+from .servicer import Florence2Servicer
+from .settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Florence2Service"].full_name
+OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Require `authorization: Bearer <token>` on the Florence2 service (health/reflection stay open)."""
+
+    def __init__(self, token: str):
+        self.expected = f"Bearer {token}".encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token (authorization: Bearer …)")
+
+        self.deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self.deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(OPEN_METHODS):
+            return await continuation(handler_call_details)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = str(metadata.get("authorization", "")).encode()
+        if hmac.compare_digest(given, self.expected):
+            return await continuation(handler_call_details)
+        streaming = method.endswith(("/Run", "/Watch"))
+        return self.deny_stream if streaming else self.deny_unary
+
+
+class FrontEnd:
+    """A running front end: the grpc.aio server, its Redis store and the health updater."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, store: JobStore, health_servicer, settings):
+        self.server, self.port, self.store = server, port, store
+        self.health_servicer, self.settings = health_servicer, settings
+        self._health_task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._update_health()
+        self._health_task = asyncio.create_task(self._health_loop())
+        log.info("front end listening on port %d (redis %s)", self.port, self.settings.redis_url)
+
+    async def _update_health(self) -> None:
+        ok = await self.store.ping()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health_servicer.set("", status)
+        await self.health_servicer.set(SERVICE_NAME, status)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval_s)
+            await self._update_health()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        await self.health_servicer.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.store.close()
+
+
+def create_server(settings: ServerSettings, address: str | None = None) -> tuple[FrontEnd, int]:
+    """Build (not start) the front end bound to `address` (port 0 picks a free port)."""
+    interceptors = [TokenAuth(settings.token)] if settings.token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+        ],
+    )
+    store = JobStore(settings)
+    pb_grpc.add_Florence2ServiceServicer_to_server(Florence2Servicer(settings, store), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address or settings.address)
+    if port == 0:
+        raise RuntimeError(f"could not bind {address or settings.address}")
+    return FrontEnd(server, port, store, health_servicer, settings), port
+
+
+async def serve(settings: ServerSettings, ready=None) -> None:
+    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port)
+    front_end, port = create_server(settings)
+    await front_end.start()
+    if ready is not None:
+        ready(port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("front end stopping")
+    await front_end.stop()

@@ -1,0 +1,69 @@
+"""Worker settings: one typed object per process, from flags and environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+
+def parse_model_arg(value: str) -> tuple[str, str]:
+    """'NAME=PATH_OR_ID' -> (name, path); a bare path names the model after its last component."""
+    if "=" in value:
+        name, path = value.split("=", 1)
+    else:
+        path = value
+        name = path.rstrip("/").split("/")[-1]
+    name, path = name.strip(), path.strip()
+    if not name or not path:
+        raise ValueError(f"--model must be NAME=PATH_OR_ID, got {value!r}")
+    if not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError(f"model name {name!r} may hold letters, digits, '-', '_' and '.' only")
+    return name, path
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    model_name: str
+    model_path: str
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "eager"
+    kind: str = "auto"
+    batch_size: int = 8
+    batch_wait_ms: float = 5.0
+    result_ttl_s: int = 3600
+    worker_id: str = field(default_factory=_default_worker_id)
+    # Presence: the registration hash expires unless refreshed every heartbeat_s.
+    heartbeat_s: float = 2.0
+    registration_ttl_s: int = 10
+    # How often running jobs' cancel flags are read (each decoding step sees the latest value).
+    cancel_poll_ms: float = 20.0
+    # A job whose worker stops heartbeating for this long is abandoned, then retried or failed.
+    job_heartbeat_ttl_s: int = 30
+    maintenance_interval_s: int = 30
+    max_retries: int = 2
+
+    @classmethod
+    def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":
+        environ = os.environ if environ is None else environ
+        name, path = parse_model_arg(model)
+        values = {"model_name": name, "model_path": path}
+        if environ.get("REDIS_URL"):
+            values["redis_url"] = environ["REDIS_URL"]
+        if environ.get("FLORENCE2_RESULT_TTL"):
+            values["result_ttl_s"] = int(environ["FLORENCE2_RESULT_TTL"])
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def __post_init__(self):
+        if not 1 <= self.batch_size <= 256:
+            raise ValueError(f"batch size must be between 1 and 256, got {self.batch_size}")
+        if self.batch_wait_ms < 0:
+            raise ValueError("batch wait must not be negative")
