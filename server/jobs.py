@@ -175,7 +175,7 @@ class JobStore:
         key = layout.events_key(job_id)
         last = after or "0-0"
         while True:
-            entries = await self.redis.xread({key: last}, count=100, block=5000 if block else None)
+            entries = await self.redis.xread({key: last}, count=100, block=1000 if block else None)
             if not entries:
                 if not block:
                     return

@@ -66,6 +66,10 @@ class Florence2Engine:
         self.loaded = loaded
         self.generate_calls = 0
         self.last_decoding_steps = 0
+        text_config = getattr(loaded.model.config, "text_config", None)
+        positions = getattr(text_config, "max_position_embeddings", 0) or 0
+        # BART's learned positions hold the decoder start token too.
+        self.max_new_tokens_limit = max(0, positions - 2)
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         outcomes = {id(r): InferenceOutcome(r) for r in requests}
@@ -76,6 +80,11 @@ class Florence2Engine:
                 continue
             try:
                 prompt = build_prompt(request.task, request.text, request.region, request.image.size)
+                limit = self.max_new_tokens_limit
+                if limit and request.generation.max_new_tokens > limit:
+                    raise ValueError(
+                        f"max_new_tokens {request.generation.max_new_tokens} exceeds this model's limit of {limit}"
+                    )
             except ValueError as exc:
                 outcomes[id(request)].error = str(exc)
                 continue
