@@ -280,3 +280,29 @@ def test_health_flips_when_redis_stops():
             wait_for(lambda: client.health() == "NOT_SERVING", timeout=10, message="NOT_SERVING")
     finally:
         front.stop()
+
+
+def test_node_client_generated_from_the_proto(service, tmp_path):
+    import json
+    import shutil
+    import subprocess
+
+    from conftest import REPO
+
+    node = shutil.which("node")
+    if node is None or not (REPO / "node_modules" / "@grpc" / "grpc-js").exists():
+        import os
+
+        assert not os.environ.get("CI"), "CI runs the Node client: .ci/run installs it with npm"
+        pytest.skip("node or @grpc/grpc-js missing (npm install)")
+    image = tmp_path / "car.jpg"
+    image.write_bytes(service.car_jpeg)
+    result = subprocess.run([node, str(REPO / "tests" / "node" / "client.mjs"), service.address, "tiny", str(image)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert "tiny" in output["models"]
+    kinds = [e["type"] for e in output["events"]]
+    assert kinds == ["EVENT_TYPE_QUEUED", "EVENT_TYPE_STARTED", "EVENT_TYPE_RESULT", "EVENT_TYPE_DONE"]
+    labels = [b["label"] for b in output["events"][2]["result"]["boxes"]]
+    assert labels == ["car", "door handle", "wheel", "wheel"]
