@@ -72,14 +72,20 @@ def make_test_model(directory: str, size: str, remote_code: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Most jobs per generate (default 8).")
 @click.option("--batch-wait-ms", type=float, default=None, help="Wait this long for more jobs (default 5).")
 @click.option("--worker-id", default=None)
-def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id):
+@click.option("--job-heartbeat-ttl", "job_heartbeat_ttl_s", type=int, default=None,
+              help="Seconds without heartbeat after which a running job counts as abandoned (default 30).")
+@click.option("--maintenance-interval", "maintenance_interval_s", type=int, default=None,
+              help="Seconds between rq maintenance runs that find abandoned jobs (default 30).")
+def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
+           job_heartbeat_ttl_s, maintenance_interval_s):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results."""
     from florence2_serve.worker.settings import WorkerSettings
 
     try:
         settings = WorkerSettings.from_env(
             model, redis_url=redis_url, device=device, dtype=dtype, attention=attention, kind=kind,
-            batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id)
+            batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
+            job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker
