@@ -58,6 +58,10 @@ class FrontEnd:
         self._health_task: asyncio.Task | None = None
 
     async def start(self) -> None:
+        if self.settings.metrics_port:
+            from prometheus_client import start_http_server
+
+            start_http_server(self.settings.metrics_port)
         await self.server.start()
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop())
@@ -107,10 +111,6 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
 
 async def serve(settings: ServerSettings, ready=None) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port)
     front_end, port = create_server(settings)
     await front_end.start()
     if ready is not None:

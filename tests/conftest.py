@@ -52,6 +52,7 @@ def legacy_site() -> Path:
     """transformers < 4.50 installed with `pip --target` (.ci/run makes it); tests using it run subprocesses."""
     path = Path(os.environ.get("FLORENCE2_LEGACY_SITE", REPO / ".legacy"))
     if not (path / "transformers").is_dir():
+        assert not os.environ.get("CI"), f"CI must test the legacy loader: .ci/setup installs {path}"
         pytest.skip(f"legacy transformers not installed at {path}: pip install --target {path} 'transformers>=4.44,<4.50'")
     return path
 
