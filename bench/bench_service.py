@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -40,9 +41,9 @@ def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 def wait_port(log: Path, process: subprocess.Popen, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in log.read_text(errors="replace").splitlines():
-            if "listening on port" in line:
-                return int(line.rsplit(" ", 1)[-1])
+        found = re.search(r"listening on port (\d+)", log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
         if process.poll() is not None:
             raise RuntimeError(log.read_text())
         time.sleep(0.05)

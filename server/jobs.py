@@ -42,8 +42,12 @@ class WorkerView:
 class JobStore:
     """All Redis access of the front end. Async for the event loop; rq enqueue runs in a thread."""
 
+    # How long a positive "model has live workers" answer is reused (keeps Redis off the hot path).
+    LIVENESS_CACHE_S = 0.5
+
     def __init__(self, settings: ServerSettings):
         self.settings = settings
+        self._live_until: dict[str, float] = {}
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=2048)
         self.sync_redis = redis.Redis.from_url(settings.redis_url)
 
@@ -83,11 +87,15 @@ class JobStore:
         return int(await self.redis.llen(layout.rq_queue_key(model)))
 
     async def check_model(self, model: str) -> None:
-        known = await self.models()
-        if model not in known:
-            raise NoWorker(f"unknown model {model!r}; models with workers: {', '.join(known) or 'none'}")
-        if not await self.live_workers(model):
-            raise NoWorker(f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH")
+        if self._live_until.get(model, 0.0) <= time.monotonic():
+            known = await self.models()
+            if model not in known:
+                raise NoWorker(f"unknown model {model!r}; models with workers: {', '.join(known) or 'none'}")
+            if not await self.live_workers(model):
+                raise NoWorker(
+                    f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH"
+                )
+            self._live_until[model] = time.monotonic() + self.LIVENESS_CACHE_S
         if await self.queue_depth(model) >= self.settings.max_queue_depth:
             raise QueueFull(
                 f"queue of model {model!r} is full ({self.settings.max_queue_depth} jobs); retry with backoff"

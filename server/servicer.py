@@ -63,9 +63,6 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         return task, generation, region
 
     async def _submit(self, spec: pb.JobSpec, context) -> tuple[str, bool]:
-        existing = await self.store.existing_job(spec.request_id)
-        if existing:
-            return existing, False
         task, generation, region = await self._validated(spec, context)
         try:
             await self.store.check_model(spec.model)

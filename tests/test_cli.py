@@ -70,7 +70,7 @@ def run_cli(*args, timeout=120):
 def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir, tmp_path):
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
-    up = subprocess.Popen([EXE, "up", "--model", f"tiny={tiny_model_dir}", "--workers", "2", "--device", "cpu",
+    up = subprocess.Popen([EXE, "up", "--model", f"uptest={tiny_model_dir}", "--workers", "2", "--device", "cpu",
                            "--address", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env)
     try:
@@ -97,10 +97,10 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
 
         models = run_cli("models", "--server", address, "--json")
         listed = json.loads(models.stdout)
-        assert listed[0]["name"] == "tiny" and listed[0]["live_workers"] == 2
+        assert listed[0]["name"] == "uptest" and listed[0]["live_workers"] == 2
 
         text_models = run_cli("models", "--server", address)
-        assert "tiny: 2 live workers" in text_models.stdout and "random weights" in text_models.stdout
+        assert "uptest: 2 live workers" in text_models.stdout and "random weights" in text_models.stdout
 
         assert run_cli("health", "--server", address).stdout.strip() == "SERVING"
 
@@ -110,7 +110,7 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
         from florence2_serve.client.client import Florence2Client, job_spec
 
         with Florence2Client(address) as client:
-            job_id = client.submit(job_spec((images / "car.jpg").read_bytes(), "tiny", "OD")).job_id
+            job_id = client.submit(job_spec((images / "car.jpg").read_bytes(), "uptest", "OD")).job_id
         watched = run_cli("job", "watch", job_id, "--server", address)
         assert [json.loads(l)["type"] for l in watched.stdout.splitlines()][-1] == "EVENT_TYPE_DONE"
         got = json.loads(run_cli("job", "get", job_id, "--server", address).stdout)
@@ -122,7 +122,7 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
         code = up.wait(timeout=60)
     assert code == 0, up.stderr.read()
     time.sleep(0.5)
-    leftovers = subprocess.run(["pgrep", "-f", str(tiny_model_dir)], capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(["pgrep", "-f", f"uptest={tiny_model_dir}"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], "up left processes running"
     assert run_cli("health", "--server", address, timeout=30).returncode != 0
 

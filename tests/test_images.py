@@ -93,3 +93,19 @@ def test_byte_limit_named():
 def test_unaccepted_format_rejected():
     with pytest.raises(ImageError, match="not accepted"):
         decode_image(encode(Image.new("RGB", (4, 4)), "PPM"))
+
+
+def test_probe_validates_like_decode_but_reports_upright_size():
+    from florence2_serve.common.images import probe_image
+
+    data = encode(Image.effect_noise((256, 128), 50).convert("RGB"), "JPEG")
+    info = probe_image(data)
+    assert (info.format, info.width, info.height) == ("JPEG", 256, 128)
+    with pytest.raises(ImageError, match="truncated|corrupt"):
+        probe_image(data[: len(data) // 2])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(Image.new("RGB", (40, 20)), "JPEG", exif=exif.tobytes())
+    assert (probe_image(rotated).width, probe_image(rotated).height) == (20, 40)
+    with pytest.raises(ImageError, match="pixels"):
+        probe_image(encode(Image.new("1", (20000, 20000)), "PNG"), ImageLimits(max_pixels=10_000_000))

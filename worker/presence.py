@@ -52,15 +52,14 @@ class Presence(threading.Thread):
             pipe.srem(layout.model_workers_key(self.settings.model_name), self.settings.worker_id)
             pipe.execute()
 
-    def record_batch(self, jobs: int) -> None:
+    def record_batch(self, pipe, jobs: int) -> None:
+        """Queue the batch counters on `pipe` (batching is observable through ListModels)."""
         key = layout.worker_key(self.settings.worker_id)
-        with self.connection.pipeline() as pipe:
-            pipe.hincrby(key, "jobs_done", jobs)
-            pipe.hincrby(key, "generate_calls", 1)
-            pipe.execute()
+        pipe.hincrby(key, "jobs_done", jobs)
+        pipe.hincrby(key, "generate_calls", 1)
 
-    def set_state(self, state: str) -> None:
-        self.connection.hset(layout.worker_key(self.settings.worker_id), "state", state)
+    def set_state(self, pipe, state: str) -> None:
+        pipe.hset(layout.worker_key(self.settings.worker_id), "state", state)
 
     # -- in-flight jobs -----------------------------------------------------------------------
 

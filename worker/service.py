@@ -107,10 +107,10 @@ class BatchRunner:
                     pipe.hset(layout.job_key(p.job.id), "worker_id", self.settings.worker_id)
                 else:
                     layout.add_event(pipe, p.job.id, _not_run_event(p), ttl)
+            self.presence.set_state(pipe, "busy")
             pipe.execute()
         for p in runnable:
             self.presence.track(p.job.id, InFlight(p.job, executions[p.job.id], queue, p.cancel))
-        self.presence.set_state("busy")
         calls_before = self.engine.generate_calls
         try:
             outcomes = self.engine.run_batch([p.request for p in runnable]) if runnable else []
@@ -121,15 +121,15 @@ class BatchRunner:
         finally:
             for p in runnable:
                 self.presence.untrack(p.job.id)
-            self.presence.set_state("idle")
         finished = time.time()
         with self.connection.pipeline(transaction=False) as pipe:
             for p, outcome in zip(runnable, outcomes):
                 for event in self._outcome_events(p, outcome, finished):
                     layout.add_event(pipe, p.job.id, event, ttl)
+            self.presence.set_state(pipe, "idle")
+            if self.engine.generate_calls > calls_before:
+                self.presence.record_batch(pipe, len(runnable))
             pipe.execute()
-        if self.engine.generate_calls > calls_before:
-            self.presence.record_batch(len(runnable))
         for job in jobs:
             worker.finish(job, queue, executions[job.id])
 
@@ -169,6 +169,7 @@ class BatchingWorker(SimpleWorker):
         super().__init__(*args, **kwargs)
         self.runner = runner
         self.batch_settings = settings
+        self.last_batch_size = 1
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # Short, refreshed by Presence: a dead worker's jobs are found abandoned quickly.
@@ -176,11 +177,18 @@ class BatchingWorker(SimpleWorker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         jobs = [job] + self._take_more(queue)
+        self.last_batch_size = len(jobs)
         log.debug("batch of %d jobs", len(jobs))
         self.runner.run(self, jobs, queue)
         self.set_state(WorkerStatus.IDLE)
 
     def _take_more(self, queue: Queue) -> list[Job]:
+        """Up to batch_size - 1 more ready jobs, without blocking on rq.
+
+        Waiting (up to batch_wait_ms) for jobs that have not arrived yet only pays off under
+        concurrent load: a lone sequential client would pay the wait on every request. So the
+        worker waits only when the previous batch held several jobs or more jobs are already queued.
+        """
         extra: list[Job] = []
         wait_until = time.monotonic() + self.batch_settings.batch_wait_ms / 1000
         while len(extra) < self.batch_settings.batch_size - 1:
@@ -188,7 +196,7 @@ class BatchingWorker(SimpleWorker):
                                       serializer=self.serializer)
             if taken is not None:
                 extra.append(taken[0])
-            elif time.monotonic() >= wait_until:
+            elif time.monotonic() >= wait_until or (not extra and self.last_batch_size <= 1):
                 break
             else:
                 time.sleep(0.0005)
