@@ -15,7 +15,7 @@ import grpc
 
 from florence2_serve.common.tasks import Task
 
-from .client import Florence2Client, JobFailed, event_to_dict, job_spec, result_to_dict
+from .client import Florence2Client, JobFailed, event_to_dict, result_to_dict
 from .inputs import expand_inputs
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -114,11 +114,9 @@ def _detect_all(client, files, model, task, text, region, max_new_tokens, num_be
 
     def one(path: Path):
         data = path.read_bytes()
-        spec = job_spec(data, model, task, text=text, region=region, max_new_tokens=max_new_tokens,
-                        num_beams=num_beams)
         try:
             result = client.detect(data, model, task, timeout=timeout, text=text, region=region,
-                                   max_new_tokens=max_new_tokens, num_beams=num_beams, request_id=spec.request_id)
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams)
             return path, data, result_to_dict(result), None
         except JobFailed as exc:
             return path, data, None, f"{exc.state}: {exc.error}"

@@ -97,8 +97,10 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
-        scale = 1 / 256 if mode.startswith("I;16") else 1 / 65536
-        return image.convert("I").point(lambda v: v * scale).convert("L").convert("RGB")
+        wide = image.convert("I")
+        high = wide.getextrema()[1]
+        scale = 1.0 if high <= 255 else (1 / 256 if high <= 65535 else 255 / high)
+        return wide.point(lambda v: v * scale).convert("L").convert("RGB")
     if mode == "F":
         return image.convert("L").convert("RGB")
     if mode == "P":

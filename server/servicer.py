@@ -10,7 +10,7 @@ import grpc
 
 from florence2_serve.common.generation import GenerationSettings
 from florence2_serve.common.images import ImageError, ImageLimits, probe_image
-from florence2_serve.common.tasks import SPECS, Input, Task, validate_inputs
+from florence2_serve.common.tasks import SPECS, Input, Task, region_tokens, validate_inputs
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
@@ -52,8 +52,6 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         except ImageError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad image: {exc}")
         if region is not None:
-            from florence2_serve.common.tasks import region_tokens
-
             try:
                 region_tokens(tuple(region), (info.width, info.height))
             except ValueError as exc:

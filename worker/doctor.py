@@ -69,9 +69,10 @@ def collect(model: str | None = None, device: str = "auto", attention: str = "ea
 
 
 def _try_model(model: str, device: str, attention: str, problems: list[str]) -> dict:
+    from florence2_serve.common.generation import GenerationSettings
     from florence2_serve.common.tasks import Task
 
-    from .engine import Florence2Engine, GenerationSettings, InferenceRequest
+    from .engine import Florence2Engine, InferenceRequest
     from .loader import LoadOptions, ModelLoadError, load_model
     from .model_builder import lesson_images
 

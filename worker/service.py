@@ -28,7 +28,7 @@ from florence2_serve.common.images import ImageError, decode_image
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
 from florence2_serve.common.tasks import Task
 
-from .engine import Florence2Engine, InferenceRequest
+from .engine import Florence2Engine, InferenceOutcome, InferenceRequest
 from .presence import InFlight, Presence
 from .settings import WorkerSettings
 
@@ -116,8 +116,7 @@ class BatchRunner:
             outcomes = self.engine.run_batch([p.request for p in runnable]) if runnable else []
         except Exception as exc:  # noqa: BLE001 - engine errors are per request; this is a last resort
             log.exception("batch failed")
-            outcomes = [type("Failed", (), {"result": None, "error": f"inference failed: {exc}", "cancelled": False})()
-                        for _ in runnable]
+            outcomes = [InferenceOutcome(p.request, error=f"inference failed: {exc}") for p in runnable]
         finally:
             for p in runnable:
                 self.presence.untrack(p.job.id)
