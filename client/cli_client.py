@@ -33,6 +33,15 @@ def _rpc_error(exc: grpc.RpcError) -> str:
     return f"{exc.code().name}: {exc.details()}"
 
 
+def _call(server: str, token: str, call, timeout: float | None = 10):
+    """One RPC through a fresh client; a gRPC error becomes a clear message and exit 1."""
+    with Florence2Client(server, token=token, timeout=timeout) as client:
+        try:
+            return call(client)
+        except grpc.RpcError as exc:
+            _fail(_rpc_error(exc))
+
+
 @contextlib.contextmanager
 def _target(server: str, embedded: bool, model: str | None, worker_args: list[str]):
     """Yield (address, model name): a running server, or a whole stack for this command."""
@@ -168,11 +177,7 @@ def models(server, token, as_json):
     """Models with their live workers and queue depth."""
     from google.protobuf.json_format import MessageToDict
 
-    with Florence2Client(server, token=token, timeout=10) as client:
-        try:
-            found = client.list_models()
-        except grpc.RpcError as exc:
-            _fail(_rpc_error(exc))
+    found = _call(server, token, lambda client: client.list_models())
     if as_json:
         click.echo(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in found], indent=2))
         return
@@ -198,11 +203,8 @@ def job():
 def job_get(job_id, server, token):
     from google.protobuf.json_format import MessageToDict
 
-    with Florence2Client(server, token=token, timeout=10) as client:
-        try:
-            click.echo(json.dumps(MessageToDict(client.get_job(job_id), preserving_proto_field_name=True), indent=2))
-        except grpc.RpcError as exc:
-            _fail(_rpc_error(exc))
+    job = _call(server, token, lambda client: client.get_job(job_id))
+    click.echo(json.dumps(MessageToDict(job, preserving_proto_field_name=True), indent=2))
 
 
 @job.command("watch")
@@ -211,12 +213,11 @@ def job_get(job_id, server, token):
 @server_option
 @token_option
 def job_watch(job_id, after, server, token):
-    with Florence2Client(server, token=token) as client:
-        try:
-            for event in client.watch(job_id, after):
-                click.echo(json.dumps(event_to_dict(event)))
-        except grpc.RpcError as exc:
-            _fail(_rpc_error(exc))
+    def follow(client):
+        for event in client.watch(job_id, after):
+            click.echo(json.dumps(event_to_dict(event)))
+
+    _call(server, token, follow, timeout=None)
 
 
 @job.command("cancel")
@@ -226,11 +227,7 @@ def job_watch(job_id, after, server, token):
 def job_cancel(job_id, server, token):
     from florence2_serve.v1 import florence2_pb2 as pb
 
-    with Florence2Client(server, token=token, timeout=10) as client:
-        try:
-            response = client.cancel(job_id)
-        except grpc.RpcError as exc:
-            _fail(_rpc_error(exc))
+    response = _call(server, token, lambda client: client.cancel(job_id))
     click.echo(json.dumps({"job_id": job_id, "cancelled": response.cancelled,
                            "state": pb.JobState.Name(response.state)}))
 
@@ -239,10 +236,6 @@ def job_cancel(job_id, server, token):
 @server_option
 def health(server):
     """The standard grpc.health.v1 status of the front end (exit 1 unless SERVING)."""
-    with Florence2Client(server, timeout=5) as client:
-        try:
-            status = client.health()
-        except grpc.RpcError as exc:
-            _fail(_rpc_error(exc))
+    status = _call(server, "", lambda client: client.health(), timeout=5)
     click.echo(status)
     sys.exit(0 if status == "SERVING" else 1)

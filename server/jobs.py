@@ -119,7 +119,12 @@ class JobStore:
                 existing = await self.existing_job(record.request_id)
                 if existing:
                     return existing, False
-        await asyncio.to_thread(self._store_and_enqueue, record, image)
+        try:
+            await asyncio.to_thread(self._store_and_enqueue, record, image)
+        except BaseException:
+            if record.request_id:  # release the claim: a retry with the same request_id must enqueue
+                await self.redis.delete(layout.request_key(record.request_id))
+            raise
         return record.job_id, True
 
     def _store_and_enqueue(self, record: JobRecord, image: bytes) -> None:
