@@ -48,6 +48,7 @@ class JobStore:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self._live_until: dict[str, float] = {}
+        self._kinds: dict[str, set[str]] = {}
         self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=2048)
         self.sync_redis = redis.Redis.from_url(settings.redis_url)
 
@@ -86,44 +87,47 @@ class JobStore:
     async def queue_depth(self, model: str) -> int:
         return int(await self.redis.llen(layout.rq_queue_key(model)))
 
-    async def check_model(self, model: str) -> None:
+    async def check_model(self, model: str) -> set[str]:
+        """Raise unless `model` has a live worker and room in its queue; the kinds its workers serve."""
         if self._live_until.get(model, 0.0) <= time.monotonic():
             known = await self.models()
             if model not in known:
                 raise NoWorker(f"unknown model {model!r}; models with workers: {', '.join(known) or 'none'}")
-            if not await self.live_workers(model):
+            workers = await self.live_workers(model)
+            if not workers:
                 raise NoWorker(
                     f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH"
                 )
+            self._kinds[model] = {view.fields.get("kind", "") for view in workers}
             self._live_until[model] = time.monotonic() + self.LIVENESS_CACHE_S
         if await self.queue_depth(model) >= self.settings.max_queue_depth:
             raise QueueFull(
                 f"queue of model {model!r} is full ({self.settings.max_queue_depth} jobs); retry with backoff"
             )
+        return self._kinds.get(model, set())
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def existing_job(self, request_id: str) -> str | None:
-        if not request_id:
-            return None
-        value = await self.redis.get(layout.request_key(request_id))
-        return value.decode() if value else None
+    async def submit(self, record: JobRecord, image: bytes, check=None) -> tuple[str, bool]:
+        """Check (`check()` raises on a bad image), store and enqueue, in one hop to a thread.
 
-    async def submit(self, record: JobRecord, image: bytes) -> tuple[str, bool]:
-        """Store and enqueue; (job_id, created). Idempotent per record.request_id."""
-        if record.request_id:
-            claimed = await self.redis.set(
-                layout.request_key(record.request_id), record.job_id, nx=True, ex=self.settings.result_ttl_s
-            )
-            if not claimed:
-                existing = await self.existing_job(record.request_id)
-                if existing:
-                    return existing, False
+        Returns (job_id, created); idempotent per record.request_id.
+        """
+        return await asyncio.to_thread(self._submit_sync, record, image, check)
+
+    def _submit_sync(self, record: JobRecord, image: bytes, check) -> tuple[str, bool]:
+        if check is not None:
+            check()
+        key = layout.request_key(record.request_id) if record.request_id else None
+        if key and not self.sync_redis.set(key, record.job_id, nx=True, ex=self.settings.result_ttl_s):
+            existing = self.sync_redis.get(key)
+            if existing:
+                return existing.decode(), False
         try:
-            await asyncio.to_thread(self._store_and_enqueue, record, image)
+            self._store_and_enqueue(record, image)
         except BaseException:
-            if record.request_id:  # release the claim: a retry with the same request_id must enqueue
-                await self.redis.delete(layout.request_key(record.request_id))
+            if key:  # release the claim: a retry with the same request_id must enqueue
+                self.sync_redis.delete(key)
             raise
         return record.job_id, True
 

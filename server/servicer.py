@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -47,32 +46,40 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"image is {len(spec.image)} bytes, over the limit of {self.settings.max_image_bytes} bytes",
             )
-        try:
-            info = await asyncio.to_thread(probe_image, spec.image, self.limits)
-        except ImageError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad image: {exc}")
-        if region is not None:
-            try:
-                region_tokens(tuple(region), (info.width, info.height))
-            except ValueError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if SPECS[task].input is not Input.REGION:
             region = None
         return task, generation, region
 
+    def _check_image(self, image: bytes, region: list[float] | None) -> None:
+        """Runs in a worker thread, just before the job is stored: ImageError/ValueError when bad."""
+        info = probe_image(image, self.limits)
+        if region is not None:
+            region_tokens(tuple(region), (info.width, info.height))
+
     async def _submit(self, spec: pb.JobSpec, context) -> tuple[str, bool]:
         task, generation, region = await self._validated(spec, context)
         try:
-            await self.store.check_model(spec.model)
+            kinds = await self.store.check_model(spec.model)
         except NoWorker as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except QueueFull as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if task is Task.DETECT and "yolo" not in kinds:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"task DETECT needs a YOLOv8 worker; model {spec.model!r} is served by Florence-2 workers",
+            )
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None
         record = new_record(spec.model, task.value, spec.text, region, generation, spec.request_id,
                             spec.priority, deadline)
-        job_id, created = await self.store.submit(record, spec.image)
+        try:
+            job_id, created = await self.store.submit(
+                record, spec.image, check=lambda: self._check_image(spec.image, region))
+        except ImageError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad image: {exc}")
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if created:
             metrics.JOBS_SUBMITTED.labels(model=spec.model).inc()
         return job_id, created

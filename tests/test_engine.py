@@ -103,3 +103,17 @@ def test_generation_settings_validated(value, message):
 def test_reference_defaults():
     settings = GenerationSettings()
     assert settings.generate_kwargs() == {"num_beams": 3, "max_new_tokens": 1024, "do_sample": False}
+
+
+def test_detect_task_is_refused_by_a_florence_worker(tiny_loaded):
+    outcome = Florence2Engine(tiny_loaded).run_batch([InferenceRequest(lesson_images()[0], Task.DETECT)])[0]
+    assert outcome.result is None and "YOLOv8" in outcome.error
+
+
+def test_max_new_tokens_beyond_the_model_limit_fails_alone(tiny_loaded):
+    engine = Florence2Engine(tiny_loaded)
+    too_long = GenerationSettings(max_new_tokens=4000)
+    outcomes = engine.run_batch([InferenceRequest(lesson_images()[0], Task.OD, generation=too_long),
+                                 InferenceRequest(lesson_images()[0], Task.CAPTION,
+                                                  generation=GenerationSettings(max_new_tokens=16))])
+    assert "exceeds this model's limit" in outcomes[0].error and outcomes[1].result is not None

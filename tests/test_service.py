@@ -191,6 +191,10 @@ def test_sixteen_concurrent_clients_are_batched(service):
     (lambda s: setattr(s, "task", pb.TASK_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "task is required"),
     (lambda s: setattr(s, "text", "x") or setattr(s, "task", pb.TASK_CAPTION), grpc.StatusCode.INVALID_ARGUMENT, "no text"),
     (lambda s: s.generation.CopyFrom(pb.GenerationOptions(num_beams=99)), grpc.StatusCode.INVALID_ARGUMENT, "num_beams"),
+    (lambda s: setattr(s, "task", pb.TASK_DETECT), grpc.StatusCode.INVALID_ARGUMENT, "YOLOv8"),
+    (lambda s: setattr(s, "image", s.image[: len(s.image) // 2]), grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+    (lambda s: setattr(s, "task", pb.TASK_REGION_TO_CATEGORY) or s.region.CopyFrom(pb.Region(x1=0, y1=0, x2=900, y2=9)),
+     grpc.StatusCode.INVALID_ARGUMENT, "outside"),
 ])
 def test_bad_requests_get_their_status_and_leave_other_jobs_alone(service, mutate, code, message):
     good = service.client.submit(job_spec(service.car_jpeg, "tiny", Task.OD, max_new_tokens=200,

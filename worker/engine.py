@@ -79,6 +79,8 @@ class Florence2Engine:
                 outcomes[id(request)].cancelled = True
                 continue
             try:
+                if request.task is Task.DETECT:
+                    raise ValueError("task DETECT needs a YOLOv8 worker; this worker holds Florence-2")
                 prompt = build_prompt(request.task, request.text, request.region, request.image.size)
                 limit = self.max_new_tokens_limit
                 if limit and request.generation.max_new_tokens > limit:

@@ -121,7 +121,8 @@ class BatchRunner:
             for p in runnable:
                 self.presence.untrack(p.job.id)
         finished = time.time()
-        with self.connection.pipeline(transaction=False) as pipe:
+        # One transaction: a blocked reader of a job's stream wakes once, with RESULT and DONE together.
+        with self.connection.pipeline(transaction=True) as pipe:
             for p, outcome in zip(runnable, outcomes):
                 for event in self._outcome_events(p, outcome, finished):
                     layout.add_event(pipe, p.job.id, event, ttl)
