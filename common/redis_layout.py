@@ -173,6 +173,10 @@ class Event:
         )
 
 
+# add_event queues this many commands, the XADD (whose reply is the event id) first.
+ADD_EVENT_COMMANDS = 4
+
+
 def add_event(pipe, job_id: str, event: Event, ttl: int) -> None:
     """Queue an event append + job state update on a (sync or async) pipeline."""
     pipe.xadd(events_key(job_id), event.to_fields())

@@ -88,7 +88,7 @@ class JobStore:
         return int(await self.redis.llen(layout.rq_queue_key(model)))
 
     async def check_model(self, model: str) -> set[str]:
-        """Raise unless `model` has a live worker and room in its queue; the kinds its workers serve."""
+        """Raise NoWorker unless `model` has a live worker; the kinds its workers serve."""
         if self._live_until.get(model, 0.0) <= time.monotonic():
             known = await self.models()
             if model not in known:
@@ -100,38 +100,38 @@ class JobStore:
                 )
             self._kinds[model] = {view.fields.get("kind", "") for view in workers}
             self._live_until[model] = time.monotonic() + self.LIVENESS_CACHE_S
-        if await self.queue_depth(model) >= self.settings.max_queue_depth:
-            raise QueueFull(
-                f"queue of model {model!r} is full ({self.settings.max_queue_depth} jobs); retry with backoff"
-            )
         return self._kinds.get(model, set())
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def submit(self, record: JobRecord, image: bytes, check=None) -> tuple[str, bool]:
+    async def submit(self, record: JobRecord, image: bytes, check=None) -> tuple[str, str]:
         """Check (`check()` raises on a bad image), store and enqueue, in one hop to a thread.
 
-        Returns (job_id, created); idempotent per record.request_id.
+        Returns (job_id, queued_event_id); the event id is "" when record.request_id named an
+        existing job (Submit is idempotent). Raises QueueFull when the model's queue is full.
         """
         return await asyncio.to_thread(self._submit_sync, record, image, check)
 
-    def _submit_sync(self, record: JobRecord, image: bytes, check) -> tuple[str, bool]:
+    def _submit_sync(self, record: JobRecord, image: bytes, check) -> tuple[str, str]:
         if check is not None:
             check()
+        if self.sync_redis.llen(layout.rq_queue_key(record.model)) >= self.settings.max_queue_depth:
+            raise QueueFull(f"queue of model {record.model!r} is full ({self.settings.max_queue_depth} jobs); "
+                            "retry with backoff")
         key = layout.request_key(record.request_id) if record.request_id else None
         if key and not self.sync_redis.set(key, record.job_id, nx=True, ex=self.settings.result_ttl_s):
             existing = self.sync_redis.get(key)
             if existing:
-                return existing.decode(), False
+                return existing.decode(), ""
         try:
-            self._store_and_enqueue(record, image)
+            return record.job_id, self._store_and_enqueue(record, image)
         except BaseException:
             if key:  # release the claim: a retry with the same request_id must enqueue
                 self.sync_redis.delete(key)
             raise
-        return record.job_id, True
 
-    def _store_and_enqueue(self, record: JobRecord, image: bytes) -> None:
+    def _store_and_enqueue(self, record: JobRecord, image: bytes) -> str:
+        """One transaction; returns the id of the QUEUED event."""
         ttl = self.settings.result_ttl_s
         queue = Queue(layout.queue_name(record.model), connection=self.sync_redis, serializer=JSONSerializer)
         with self.sync_redis.pipeline() as pipe:
@@ -145,8 +145,10 @@ class JobStore:
             )
             pipe.set(layout.image_key(record.job_id), image, ex=ttl)
             pipe.hset(layout.job_key(record.job_id), mapping=record.to_hash())
-            layout.add_event(pipe, record.job_id, Event(EventType.QUEUED, JobState.QUEUED), ttl)
-            pipe.execute()
+            queued = Event(EventType.QUEUED, JobState.QUEUED, time=record.created)
+            layout.add_event(pipe, record.job_id, queued, ttl)
+            replies = pipe.execute()
+        return replies[-layout.ADD_EVENT_COMMANDS].decode()
 
     async def get(self, job_id: str) -> tuple[JobRecord, dict | None]:
         data = await self.redis.hgetall(layout.job_key(job_id))

@@ -9,6 +9,7 @@ import grpc
 
 from florence2_serve.common.generation import GenerationSettings
 from florence2_serve.common.images import ImageError, ImageLimits, probe_image
+from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
 from florence2_serve.common.tasks import SPECS, Input, Task, region_tokens, validate_inputs
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
@@ -56,14 +57,13 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         if region is not None:
             region_tokens(tuple(region), (info.width, info.height))
 
-    async def _submit(self, spec: pb.JobSpec, context) -> tuple[str, bool]:
+    async def _submit(self, spec: pb.JobSpec, context) -> tuple[JobRecord, str]:
+        """Validate and enqueue: (record, id of its QUEUED event — "" for an existing job)."""
         task, generation, region = await self._validated(spec, context)
         try:
             kinds = await self.store.check_model(spec.model)
         except NoWorker as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except QueueFull as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if task is Task.DETECT and "yolo" not in kinds:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -74,15 +74,17 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         record = new_record(spec.model, task.value, spec.text, region, generation, spec.request_id,
                             spec.priority, deadline)
         try:
-            job_id, created = await self.store.submit(
+            record.job_id, queued_event_id = await self.store.submit(
                 record, spec.image, check=lambda: self._check_image(spec.image, region))
         except ImageError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad image: {exc}")
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if created:
+        except QueueFull as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if queued_event_id:
             metrics.JOBS_SUBMITTED.labels(model=spec.model).inc()
-        return job_id, created
+        return record, queued_event_id
 
     async def _stream(self, job_id: str, after: str, wrap, context):
         try:
@@ -94,13 +96,18 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
     # -- RPCs ---------------------------------------------------------------------------------
 
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
-        job_id, created = await self._submit(request.job, context)
-        record, _ = await self.store.get(job_id)
-        return pb.SubmitResponse(job_id=job_id, created=created, state=convert.state_to_proto(record.state))
+        record, queued_event_id = await self._submit(request.job, context)
+        if queued_event_id:
+            return pb.SubmitResponse(job_id=record.job_id, created=True, state=pb.JOB_STATE_QUEUED)
+        existing, _ = await self._get_or_abort(record.job_id, context)
+        return pb.SubmitResponse(job_id=record.job_id, created=False, state=convert.state_to_proto(existing.state))
 
     async def Run(self, request: pb.RunRequest, context):
-        job_id, _ = await self._submit(request.job, context)
-        async for message in self._stream(job_id, "", pb.RunResponse, context):
+        record, queued_event_id = await self._submit(request.job, context)
+        if queued_event_id:  # a new job: its first event is known without reading it back
+            queued = Event(EventType.QUEUED, JobState.QUEUED, time=record.created, event_id=queued_event_id)
+            yield pb.RunResponse(event=convert.event_to_proto(record.job_id, queued))
+        async for message in self._stream(record.job_id, queued_event_id, pb.RunResponse, context):
             yield message
 
     async def Watch(self, request: pb.WatchRequest, context):

@@ -53,6 +53,32 @@ def test_token_required_except_for_health(valkey, tiny_model_dir, tmp_path):
         front.stop()
 
 
+def test_full_queue_is_unavailable_with_retry_advice(valkey):
+    import redis
+
+    connection = redis.Redis.from_url(valkey.connection_url)
+    # A registered worker that takes nothing: the queue can only grow.
+    connection.sadd(layout.MODELS_KEY, "busy")
+    connection.sadd(layout.model_workers_key("busy"), "idle-worker")
+    connection.hset(layout.worker_key("idle-worker"), mapping={"kind": "native", "model": "busy"})
+    front = start_front_end(valkey.connection_url, max_queue_depth=2)
+    from florence2_serve.worker.model_builder import lesson_images
+    import io
+
+    buffer = io.BytesIO()
+    lesson_images()[2].save(buffer, format="PNG")
+    try:
+        with Florence2Client(f"127.0.0.1:{front.port}", timeout=10) as client:
+            for _ in range(2):
+                assert client.submit(job_spec(buffer.getvalue(), "busy", "OD")).created
+            with pytest.raises(grpc.RpcError) as error:
+                client.submit(job_spec(buffer.getvalue(), "busy", "OD"))
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "retry" in error.value.details()
+            assert connection.llen(layout.rq_queue_key("busy")) == 2
+    finally:
+        front.stop()
+
+
 def test_job_of_a_dead_worker_is_rerun_then_failed_when_it_keeps_dying(valkey, tiny_model_dir, tmp_path):
     url = valkey.connection_url
     front = start_front_end(url, max_retries=1)
