@@ -67,16 +67,20 @@ class _Common:
                 ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE)]
 
 
-def _final_result(job_id: str, events) -> pb.Result:
-    result = None
-    for event in events:
-        if event.type == pb.EVENT_TYPE_RESULT:
-            result = event.result
-        elif event.type in (pb.EVENT_TYPE_FAILED, pb.EVENT_TYPE_CANCELLED):
-            raise JobFailed(job_id or event.job_id, pb.JobState.Name(event.state), event.error)
-    if result is None:
-        raise JobFailed(job_id, "UNKNOWN", "stream ended without a result")
-    return result
+def _outcome(event: pb.JobEvent) -> pb.Result | None:
+    """The result once the stream has decided the job; JobFailed if it failed; None to read on.
+
+    RESULT is written in one transaction with DONE, so seeing it means the job succeeded.
+    """
+    if event.type == pb.EVENT_TYPE_RESULT:
+        return event.result
+    if event.type in (pb.EVENT_TYPE_FAILED, pb.EVENT_TYPE_CANCELLED):
+        raise JobFailed(event.job_id, pb.JobState.Name(event.state), event.error)
+    return None
+
+
+def _no_result() -> JobFailed:
+    return JobFailed("", "UNKNOWN", "stream ended without a result")
 
 
 class Florence2Client(_Common):
@@ -126,7 +130,15 @@ class Florence2Client(_Common):
                **options) -> pb.Result:
         """Submit, wait and return the typed Result (JobFailed if the job did not succeed)."""
         spec = job_spec(image, model, task, **options)
-        return _final_result("", self.run(spec, timeout=timeout))
+        call = self.stub.Run(pb.RunRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata())
+        try:
+            for response in call:
+                result = _outcome(response.event)
+                if result is not None:
+                    return result
+        finally:
+            call.cancel()  # nothing after RESULT but DONE
+        raise _no_result()
 
 
 class AsyncFlorence2Client(_Common):
@@ -176,5 +188,12 @@ class AsyncFlorence2Client(_Common):
     async def detect(self, image: bytes, model: str, task: Task | str = Task.OD, timeout: float | None = None,
                      **options) -> pb.Result:
         spec = job_spec(image, model, task, **options)
-        events = [event async for event in self.run(spec, timeout=timeout)]
-        return _final_result("", events)
+        call = self.stub.Run(pb.RunRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata())
+        try:
+            async for response in call:
+                result = _outcome(response.event)
+                if result is not None:
+                    return result
+        finally:
+            call.cancel()
+        raise _no_result()
