@@ -133,7 +133,10 @@ class LocalStack:
             stream = open(log_path, "ab")  # noqa: SIM115 - owned by the child
         else:
             stream = None
-        process = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None)
+        # Own session: a terminal's Ctrl-C reaches only `up`, which then stops workers gracefully
+        # (SIGTERM: finish the batch). If `up` itself dies, the kernel sends them SIGTERM.
+        process = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
+                                   start_new_session=True, preexec_fn=_terminate_with_parent)
         if stream is not None:
             stream.close()
         self.workers.append((model, process, log_path))
@@ -176,6 +179,16 @@ class LocalStack:
         if self.valkey is not None:
             self.valkey.stop()
             self.valkey = None
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent exits (no-op elsewhere)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _tail(path: Path | None, lines: int = 30) -> str:

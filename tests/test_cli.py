@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import signal
 import subprocess
 import sys
@@ -120,7 +122,11 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=60)
-    assert code == 0, up.stderr.read()
+    stderr = up.stderr.read()
+    assert code == 0, stderr
+    redis_port = int(re.search(r"redis redis://127\.0\.0\.1:(\d+)", stderr).group(1))
+    with pytest.raises(OSError):  # the embedded valkey-server is gone too
+        socket.create_connection(("127.0.0.1", redis_port), timeout=2).close()
     time.sleep(0.5)
     leftovers = subprocess.run(["pgrep", "-f", f"uptest={tiny_model_dir}"], capture_output=True, text=True).stdout.split()
     assert leftovers == [], "up left processes running"
