@@ -76,8 +76,10 @@ def make_test_model(directory: str, size: str, remote_code: bool) -> None:
               help="Seconds without heartbeat after which a running job counts as abandoned (default 30).")
 @click.option("--maintenance-interval", "maintenance_interval_s", type=int, default=None,
               help="Seconds between rq maintenance runs that find abandoned jobs (default 30).")
+@click.option("--exit-with-parent", is_flag=True, default=None,
+              help="Stop (gracefully) when the process that started this worker exits.")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
-           job_heartbeat_ttl_s, maintenance_interval_s):
+           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results."""
     from florence2_serve.worker.settings import WorkerSettings
 
@@ -85,7 +87,8 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
         settings = WorkerSettings.from_env(
             model, redis_url=redis_url, device=device, dtype=dtype, attention=attention, kind=kind,
             batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
-            job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s)
+            job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s,
+            exit_with_parent=exit_with_parent)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker

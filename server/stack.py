@@ -124,7 +124,7 @@ class LocalStack:
 
     def _start_worker(self, model: str, index: int) -> None:
         command = [sys.executable, "-m", "florence2_serve.client.cli", "worker", "--model", model,
-                   *self.config.worker_args]
+                   "--exit-with-parent", *self.config.worker_args]
         env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
         log_path = None
         if self.config.log_dir is not None:
@@ -134,9 +134,9 @@ class LocalStack:
         else:
             stream = None
         # Own session: a terminal's Ctrl-C reaches only `up`, which then stops workers gracefully
-        # (SIGTERM: finish the batch). If `up` itself dies, the kernel sends them SIGTERM.
+        # (SIGTERM: finish the batch); --exit-with-parent covers `up` itself dying.
         process = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
-                                   start_new_session=True, preexec_fn=_terminate_with_parent)
+                                   start_new_session=True)
         if stream is not None:
             stream.close()
         self.workers.append((model, process, log_path))
@@ -179,16 +179,6 @@ class LocalStack:
         if self.valkey is not None:
             self.valkey.stop()
             self.valkey = None
-
-
-def _terminate_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGTERM when the parent exits (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _tail(path: Path | None, lines: int = 30) -> str:

@@ -140,3 +140,26 @@ def test_detect_embedded_runs_the_whole_stack(tiny_model_dir):
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stdout)
     assert len(line["result"]["boxes"]) == 4 and line["result"]["raw_text"].startswith("</s><s>car")
+
+
+@pytest.mark.slow
+def test_workers_stop_when_up_is_killed(tiny_model_dir):
+    import redis
+
+    from service_helpers import wait_for
+
+    up = subprocess.Popen([EXE, "up", "--model", f"orphan={tiny_model_dir}", "--device", "cpu", "--address",
+                           "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert up.stdout.readline().startswith("127.0.0.1:")
+    redis_port = None
+    while redis_port is None:
+        found = re.search(r"redis redis://127\.0\.0\.1:(\d+)", up.stderr.readline())
+        redis_port = int(found.group(1)) if found else None
+    up.kill()
+    up.wait()
+    try:
+        wait_for(lambda: not subprocess.run(["pgrep", "-f", f"orphan={tiny_model_dir}"], capture_output=True).stdout,
+                 timeout=30, message="workers to exit after up was killed")
+    finally:
+        # valkey-server outlives a SIGKILLed `up` (nothing can catch SIGKILL): stop it here.
+        redis.Redis(port=redis_port).shutdown(nosave=True)

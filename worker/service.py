@@ -10,7 +10,10 @@ no more and exits 0 (rq's warm shutdown).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -217,10 +220,25 @@ def describe(settings: WorkerSettings, loaded) -> dict:
     }
 
 
+def _exit_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM when our parent exits (then rq's warm shutdown runs)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_worker(settings: WorkerSettings) -> int:
     """Load the model once, register, work until SIGTERM/SIGINT. Returns the exit code."""
     from . import flash_attn_shim
 
+    if settings.exit_with_parent:
+        _exit_with_parent()
     flash_attn_shim.install()  # before transformers is imported
     from .loader import LoadOptions, ModelLoadError, load_model
 

@@ -49,6 +49,8 @@ class WorkerSettings:
     job_heartbeat_ttl_s: int = 30
     maintenance_interval_s: int = 30
     max_retries: int = 2
+    # Exit (SIGTERM) when the process that started this worker dies (used by `florence2 up`).
+    exit_with_parent: bool = False
 
     @classmethod
     def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":
