@@ -113,7 +113,7 @@ def test_cuda_requested_without_cuda_is_an_error(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_path):
+def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_path, tiny_model_dir):
     """transformers < 4.50: build the remote-code fixture, load it through our loader, run a batch."""
     code = textwrap.dedent(f"""
         import transformers
@@ -134,12 +134,30 @@ def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_pat
             InferenceRequest(street, Task.CAPTION, generation=settings)])
         assert all(o.error is None and o.result.raw_text.startswith("</s>") for o in outcomes), outcomes
         try:
-            load_model({str(tmp_path)!r})
+            load_model({str(tiny_model_dir)!r})
         except ModelLoadError as exc:
-            print("clear error:", exc)
+            assert "florence2-serve[worker]" in str(exc), exc
+        else:
+            raise AssertionError("a native checkpoint must not load on transformers < 4.56")
         print("LEGACY OK", transformers.__version__)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env=python_env(PYTHONPATH=legacy_site, HF_HUB_OFFLINE=1))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LEGACY OK 4.4" in result.stdout
+
+
+@pytest.mark.parametrize("size,millions", [("base", 231.5), ("large", 770.3)])
+def test_full_size_configs_match_florence2_parameter_counts(size, millions):
+    """Florence-2-base has 0.23B parameters and -large 0.77B; built on the meta device (no memory)."""
+    import torch
+    from transformers import Florence2ForConditionalGeneration
+
+    from florence2_serve.worker.model_builder import SIZES, build_config, build_tokenizer
+
+    spec = SIZES[size]
+    tokenizer = build_tokenizer(spec.vocab_size)
+    assert len(tokenizer) == 51289
+    with torch.device("meta"):
+        model = Florence2ForConditionalGeneration(build_config(spec, tokenizer))
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)

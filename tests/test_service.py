@@ -247,6 +247,17 @@ def test_list_models_describes_workers(service):
     assert service.client.health() == "SERVING"
 
 
+def test_reflection_lists_the_services(service):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(service.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"florence2.v1.Florence2Service", "grpc.health.v1.Health"} <= services
+        descriptor = database.FindFileContainingSymbol("florence2.v1.Florence2Service")
+        assert descriptor.package == "florence2.v1"
+
+
 def test_front_end_imports_no_torch():
     import subprocess
     import sys
