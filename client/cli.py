@@ -48,9 +48,14 @@ def doctor(as_json: bool, model: str | None, device: str, attention: str) -> Non
 @click.option("--size", type=click.Choice(["tiny", "base", "large"]), default="tiny", show_default=True,
               help="tiny: seconds to build, for tests; base/large: full-size shapes with random weights, for timing.")
 @click.option("--remote-code", is_flag=True, help="Build the tiny remote-code (auto_map) fixture instead.")
-def make_test_model(directory: str, size: str, remote_code: bool) -> None:
-    """Build a Florence-2 checkpoint offline, with random weights (marked as such)."""
-    if remote_code:
+@click.option("--yolo", is_flag=True, help="Build a YOLOv8n from its config instead (needs the yolo extra).")
+def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) -> None:
+    """Build a Florence-2 (or YOLOv8) checkpoint offline, with random weights (marked as such)."""
+    if yolo:
+        from florence2_serve.worker.yolo import build_yolo
+
+        path = build_yolo(directory)
+    elif remote_code:
         from florence2_serve.worker.fixtures import build_remote_code
 
         path = build_remote_code(directory)

@@ -69,6 +69,11 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"task DETECT needs a YOLOv8 worker; model {spec.model!r} is served by Florence-2 workers",
             )
+        if task is not Task.DETECT and kinds == {"yolo"}:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model {spec.model!r} is YOLOv8, which serves task DETECT only; {task.name} needs Florence-2",
+            )
         remaining = context.time_remaining()
         deadline = time.time() + remaining if remaining is not None else None
         record = new_record(spec.model, task.value, spec.text, region, generation, spec.request_id,

@@ -72,7 +72,7 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
     from florence2_serve.common.generation import GenerationSettings
     from florence2_serve.common.tasks import Task
 
-    from .engine import Florence2Engine, InferenceRequest
+    from .engine import InferenceRequest, create_engine
     from .loader import LoadOptions, ModelLoadError, load_model
     from .model_builder import lesson_images
 
@@ -88,9 +88,10 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
         "attention": loaded.attention, "random_weights": loaded.random_weights,
         "load_seconds": round(loaded.load_seconds, 3),
     })
-    request = InferenceRequest(lesson_images()[0], Task.OD, generation=GenerationSettings(max_new_tokens=64))
+    task = Task.DETECT if loaded.kind == "yolo" else Task.OD
+    request = InferenceRequest(lesson_images()[0], task, generation=GenerationSettings(max_new_tokens=64))
     started = time.perf_counter()
-    outcome = Florence2Engine(loaded).run_batch([request])[0]
+    outcome = create_engine(loaded).run_batch([request])[0]
     entry["generate_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if outcome.error:
         problems.append(f"generate failed: {outcome.error}")

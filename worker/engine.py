@@ -165,3 +165,12 @@ def _criteria_list(stopper):
             return stopper(input_ids, scores, **kwargs)
 
     return StoppingCriteriaList([_Criteria()])
+
+
+def create_engine(loaded: LoadedModel):
+    """The engine for a loaded model: batched generate for Florence-2, batched predict for YOLOv8."""
+    if loaded.kind == "yolo":
+        from .yolo import YoloEngine
+
+        return YoloEngine(loaded)
+    return Florence2Engine(loaded)

@@ -22,7 +22,7 @@ from .model_builder import read_marker
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "native", "remote")
+KINDS = ("auto", "native", "remote", "yolo")
 ATTENTIONS = ("eager", "sdpa")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 NATIVE_MIN_TRANSFORMERS = (4, 56)
@@ -160,6 +160,10 @@ def _revision_of(path_or_id: str, revision: str | None, config: dict) -> str:
 def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedModel:
     """Load once per process; raises ModelLoadError with the checkpoint and the cause."""
     flash_attn_shim.install()
+    from .yolo import is_yolo_path, load_yolo
+
+    if options.kind == "yolo" or (options.kind == "auto" and is_yolo_path(path_or_id)):
+        return load_yolo(path_or_id, options.device, options.dtype)
     started = time.perf_counter()
     config = _read_config(path_or_id, options.revision)
     kind = detect_kind(config) if options.kind == "auto" else options.kind

@@ -176,8 +176,12 @@ LESSONS = [
 ]
 
 
-def _teach(model, processor, steps: int = 150) -> None:
-    """Overfit the tiny model on a few answers so its outputs are well-formed and input-dependent."""
+def _teach(model, processor, max_steps: int = 1200, check_every: int = 50) -> None:
+    """Overfit the tiny model on a few answers so its outputs are well-formed and input-dependent.
+
+    Training stops once greedy and 3-beam decoding both reproduce every lesson exactly (thread counts
+    change float summation order, so a fixed step count is not reliable everywhere).
+    """
     import torch
 
     from florence2_serve.common.tasks import Task, build_prompt
@@ -185,19 +189,35 @@ def _teach(model, processor, steps: int = 150) -> None:
     images = lesson_images()
     prompts = [build_prompt(Task.parse(task)) for _, task, _ in LESSONS]
     inputs = processor(text=prompts, images=[images[i] for i, _, _ in LESSONS], return_tensors="pt", padding=True)
-    labels = processor.tokenizer(
-        ["<s>" + answer + "</s>" for _, _, answer in LESSONS],
-        return_tensors="pt", padding=True, add_special_tokens=False,
-    ).input_ids
-    labels[labels == processor.tokenizer.pad_token_id] = -100
-    model.train()
+    tokenizer = processor.tokenizer
+    targets = ["<s>" + answer + "</s>" for _, _, answer in LESSONS]
+    labels = tokenizer(targets, return_tensors="pt", padding=True, add_special_tokens=False).input_ids
+    labels[labels == tokenizer.pad_token_id] = -100
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
+    for step in range(1, max_steps + 1):
+        model.train()
         loss = model(**inputs, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if step % check_every == 0 and _knows_lessons(model, tokenizer, inputs, targets):
+            break
+    else:
+        raise RuntimeError(f"the tiny model did not learn its lessons in {max_steps} steps")
     model.eval()
+
+
+def _knows_lessons(model, tokenizer, inputs, targets) -> bool:
+    import torch
+
+    model.eval()
+    with torch.inference_mode():
+        for beams in (1, 3):
+            generated = model.generate(**inputs, max_new_tokens=64, num_beams=beams, do_sample=False)
+            texts = [t.replace(tokenizer.pad_token, "") for t in tokenizer.batch_decode(generated)]
+            if texts != ["</s>" + target for target in targets]:
+                return False
+    return True
 
 
 def write_marker(out: Path, **fields) -> None:

