@@ -48,7 +48,6 @@ class WorkerSettings:
     # A job whose worker stops heartbeating for this long is abandoned, then retried or failed.
     job_heartbeat_ttl_s: int = 30
     maintenance_interval_s: int = 30
-    max_retries: int = 2
     # Exit (SIGTERM) when the process that started this worker dies (used by `florence2 up`).
     exit_with_parent: bool = False
 
