@@ -38,7 +38,8 @@ def bench(size: str, attention: str, batches: list[int], new_tokens: int, beams:
 
     from florence2_serve.common.generation import GenerationSettings
     from florence2_serve.common.tasks import Task
-    from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
     from florence2_serve.worker.loader import LoadOptions, load_model
     from florence2_serve.worker.model_builder import lesson_images
 

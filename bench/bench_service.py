@@ -75,7 +75,8 @@ def stop(process: subprocess.Popen) -> None:
 def in_process(model_dir: Path, image: bytes, settings, n: int) -> list[float]:
     from florence2_serve.common.images import decode_image
     from florence2_serve.common.tasks import Task
-    from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
     from florence2_serve.worker.loader import LoadOptions, load_model
 
     engine = Florence2Engine(load_model(str(model_dir), LoadOptions(device="cpu")))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -67,25 +68,30 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
 
 
 @cli.command()
-@click.option("--model", "model", required=True, help="NAME=PATH_OR_ID of the model this worker holds.")
+@click.option("--model", "model", required=True,
+              help="[NAME=]PATH_OR_ID of the model this worker holds (a bare path is named after its last part).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis URL (env REDIS_URL).")
 @click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None)
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None)
-@click.option("--kind", type=click.Choice(["auto", "native", "remote"]), default=None,
-              help="Checkpoint kind; auto reads config.json (auto_map means remote code).")
+@click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None,
+              help="Checkpoint kind; auto reads config.json (auto_map means remote code). "
+                   "noop: no model, empty results at once (for measuring the service itself).")
 @click.option("--batch-size", type=int, default=None, help="Most jobs per generate (default 8).")
-@click.option("--batch-wait-ms", type=float, default=None, help="Wait this long for more jobs (default 5).")
+@click.option("--batch-wait-ms", type=float, default=None, help="Under load, wait this long to fill a batch (default 5).")
 @click.option("--worker-id", default=None)
 @click.option("--job-heartbeat-ttl", "job_heartbeat_ttl_s", type=int, default=None,
-              help="Seconds without heartbeat after which a running job counts as abandoned (default 30).")
-@click.option("--maintenance-interval", "maintenance_interval_s", type=int, default=None,
-              help="Seconds between rq maintenance runs that find abandoned jobs (default 30).")
+              help="Seconds without heartbeat after which a held job counts as abandoned (default 4).")
+@click.option("--maintenance-interval", "maintenance_interval_s", type=float, default=None,
+              help="Seconds between rq maintenance runs that re-run abandoned jobs (default 1).")
 @click.option("--exit-with-parent", is_flag=True, default=None,
               help="Stop (gracefully) when the process that started this worker exits.")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
            job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent):
-    """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results."""
+    """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
+
+    SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
+    """
     from florence2_serve.worker.settings import WorkerSettings
 
     try:
@@ -108,6 +114,8 @@ def _server_options(function):
         click.option("--max-image-pixels", type=int, default=None),
         click.option("--max-queue-depth", type=int, default=None),
         click.option("--result-ttl", "result_ttl_s", type=int, default=None, help="Seconds jobs and results are kept."),
+        click.option("--job-timeout", "job_timeout_s", type=int, default=None,
+                     help="Longest a job may run once started (env FLORENCE2_JOB_TIMEOUT; default 3600, 0: none)."),
         click.option("--token", default=None, help="Require this bearer token (env FLORENCE2_TOKEN)."),
         click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."),
     ]):
@@ -122,49 +130,79 @@ def serve(redis_url, **options):
     """The gRPC front end alone (workers run elsewhere, pointed at the same Redis)."""
     import asyncio
 
+    from florence2_serve.server.app import AddressInUse, RedisUnreachable
     from florence2_serve.server.app import serve as serve_forever
     from florence2_serve.server.settings import ServerSettings
 
-    settings = ServerSettings.from_env(redis_url=redis_url, **options)
-    asyncio.run(serve_forever(settings, ready=lambda port: click.echo(f"listening on port {port}", err=True)))
+    try:
+        settings = ServerSettings.from_env(redis_url=redis_url, **options)
+        asyncio.run(serve_forever(settings, ready=lambda port: click.echo(f"listening on port {port}", err=True)))
+    except (AddressInUse, RedisUnreachable, ValueError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
 
 
 @cli.command()
-@click.option("--model", "models", multiple=True, help="NAME=PATH_OR_ID (repeatable).",
+@click.option("--model", "models", multiple=True, help="[NAME=]PATH_OR_ID (repeatable).",
               default=["base=florence-community/Florence-2-base"], show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers per model.")
 @click.option("--device", default=None, help="Worker device (auto, cpu, cuda:0, ...).")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None)
 @click.option("--batch-size", type=int, default=None)
+@click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None)
+@click.option("--redis-url", envvar="REDIS_URL", default=None,
+              help="Use this Redis (env REDIS_URL) instead of starting an embedded one.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FLORENCE2_DATA_DIR",
+              default=None, help="Embedded Redis keeps its data here (append-only file, fsync every second); "
+                                 "default $XDG_DATA_HOME/florence2-serve/redis (env FLORENCE2_DATA_DIR).")
+@click.option("--in-memory", is_flag=True, help="Embedded Redis keeps nothing across restarts.")
 @_server_options
-def up(models, workers, device, attention, batch_size, address, **server_options):
-    """Everything on one machine: embedded valkey (unless REDIS_URL), front end, N workers."""
-    import os
+def up(models, workers, device, attention, batch_size, kind, redis_url, data_dir, in_memory, address,
+       **server_options):
+    """Everything on one machine: Redis (embedded unless --redis-url), front end, N workers per model.
+
+    Ctrl-C or SIGTERM: workers finish their jobs, then the front end stops, then Redis; a second
+    Ctrl-C makes the workers stop now and put their unfinished jobs back in the queue.
+    """
     import signal
     import threading
 
-    from florence2_serve.server.stack import LocalStack, StackConfig, StackError
+    from florence2_serve.server.stack import LocalStack, StackConfig, StackError, default_data_dir
 
     worker_args = []
-    for flag, value in (("--device", device), ("--attention", attention), ("--batch-size", batch_size)):
+    for flag, value in (("--device", device), ("--attention", attention), ("--batch-size", batch_size),
+                        ("--kind", kind)):
         if value is not None:
             worker_args += [flag, str(value)]
+    if in_memory and data_dir is not None:
+        raise click.BadParameter("--in-memory and --data-dir exclude each other")
     config = StackConfig(
-        models=list(models), workers=workers, redis_url=os.environ.get("REDIS_URL") or None,
+        models=list(models), workers=workers, redis_url=redis_url or None,
+        data_dir=None if in_memory or redis_url else (data_dir or default_data_dir()),
         address=address or "127.0.0.1:50051", worker_args=worker_args,
         server_settings={k: v for k, v in server_options.items() if v is not None},
     )
     stop = threading.Event()
+    stack_ref: list = []
+
+    def on_signal(*_):
+        if stop.is_set() and stack_ref:
+            click.echo("stopping now: unfinished jobs go back to the queue", err=True)
+            stack_ref[0].hurry()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
-        with LocalStack(config) as stack:
-            names = ", ".join(m.split("=", 1)[0] for m in models)
+        stack = LocalStack(config)
+        stack_ref.append(stack)
+        with stack:
+            names = ", ".join(name for name, _ in stack.specs)
             click.echo(f"florence2 serving {names} at {stack.address} (redis {stack.redis_url}); Ctrl-C stops", err=True)
             click.echo(stack.address)
             while not stop.wait(0.5):
                 pass
-            click.echo("stopping", err=True)
+            click.echo("stopping: workers finish their jobs, then the front end, then Redis", err=True)
     except StackError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)

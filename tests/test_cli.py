@@ -46,7 +46,8 @@ def test_draw_result_marks_boxes_and_polygons():
     (["detect", "nope.jpg"], "no such file"),
     (["detect", "--task", "FLY", "x.jpg"], "unknown task"),
     (["detect", "--region", "1,2,3", str(REPO / "examples" / "car.jpg")], "4 numbers"),
-    (["detect", "--embedded", "--model", "tiny", str(REPO / "examples" / "car.jpg")], "NAME=PATH_OR_ID"),
+    (["detect", "--embedded", "--model", "bad name=x", str(REPO / "examples" / "car.jpg")], "letters, digits"),
+    (["detect", "--embedded", str(REPO / "examples" / "car.jpg")], "--embedded needs --model"),
 ])
 def test_detect_argument_errors(args, message):
     result = CliRunner().invoke(cli, args)
@@ -58,8 +59,8 @@ def test_worker_rejects_bad_model_argument():
     assert result.exit_code == 2 and "letters, digits" in result.output
 
 
-def test_worker_with_unloadable_model_exits_with_clear_error(tmp_path):
-    result = subprocess.run([EXE, "worker", "--model", f"x={tmp_path}", "--redis-url", "redis://127.0.0.1:1/0"],
+def test_worker_with_unloadable_model_exits_with_clear_error(tmp_path, valkey):
+    result = subprocess.run([EXE, "worker", "--model", f"x={tmp_path}", "--redis-url", valkey.connection_url],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no config.json" in result.stderr
 
@@ -73,7 +74,7 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
     up = subprocess.Popen([EXE, "up", "--model", f"uptest={tiny_model_dir}", "--workers", "2", "--device", "cpu",
-                           "--address", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           "--address", "127.0.0.1:0", "--in-memory"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env=env)
     try:
         address = up.stdout.readline().strip()
@@ -143,13 +144,12 @@ def test_detect_embedded_runs_the_whole_stack(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_workers_stop_when_up_is_killed(tiny_model_dir):
-    import redis
-
+def test_workers_and_redis_stop_when_up_is_killed(tiny_model_dir, tmp_path):
     from service_helpers import wait_for
 
     up = subprocess.Popen([EXE, "up", "--model", f"orphan={tiny_model_dir}", "--device", "cpu", "--address",
-                           "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           "127.0.0.1:0", "--data-dir", str(tmp_path / "redis")],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert up.stdout.readline().startswith("127.0.0.1:")
     redis_port = None
     while redis_port is None:
@@ -157,9 +157,15 @@ def test_workers_stop_when_up_is_killed(tiny_model_dir):
         redis_port = int(found.group(1)) if found else None
     up.kill()
     up.wait()
-    try:
-        wait_for(lambda: not subprocess.run(["pgrep", "-f", f"orphan={tiny_model_dir}"], capture_output=True).stdout,
-                 timeout=30, message="workers to exit after up was killed")
-    finally:
-        # valkey-server outlives a SIGKILLed `up` (nothing can catch SIGKILL): stop it here.
-        redis.Redis(port=redis_port).shutdown(nosave=True)
+
+    def redis_gone() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", redis_port), timeout=1).close()
+            return False
+        except OSError:
+            return True
+
+    wait_for(lambda: not subprocess.run(["pgrep", "-f", f"orphan={tiny_model_dir}"], capture_output=True).stdout,
+             timeout=30, message="workers to exit after up was killed")
+    wait_for(redis_gone, timeout=40, message="the embedded Redis to stop after up was killed")
+    assert not subprocess.run(["pgrep", "-f", f"embedded_redis --data-dir {tmp_path}"], capture_output=True).stdout

@@ -7,7 +7,8 @@ from PIL import Image
 
 from florence2_serve.common.tasks import Task
 from florence2_serve.common.generation import GenerationSettings
-from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+from florence2_serve.worker.engine import Florence2Engine
+from florence2_serve.worker.inference import InferenceRequest
 from florence2_serve.worker.model_builder import lesson_images
 
 

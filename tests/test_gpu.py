@@ -10,7 +10,8 @@ pytestmark = pytest.mark.gpu
 def test_fp16_default_on_cuda_and_float_inputs_cast(tiny_model_dir):
     from florence2_serve.common.generation import GenerationSettings
     from florence2_serve.common.tasks import Task
-    from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
     from florence2_serve.worker.loader import LoadOptions, load_model
     from florence2_serve.worker.model_builder import lesson_images
 

@@ -90,7 +90,8 @@ def test_options_validated():
 def test_sdpa_and_bf16_override(tiny_model_dir):
     from florence2_serve.common.tasks import Task
     from florence2_serve.common.generation import GenerationSettings
-    from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
     from florence2_serve.worker.model_builder import lesson_images
 
     loaded = load_model(str(tiny_model_dir), LoadOptions(device="cpu", attention="sdpa", dtype="bf16"))
@@ -121,7 +122,8 @@ def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_pat
         from florence2_serve.worker.fixtures import build_remote_code
         from florence2_serve.worker.loader import load_model, ModelLoadError, LoadOptions
         from florence2_serve.common.generation import GenerationSettings
-        from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+        from florence2_serve.worker.engine import Florence2Engine
+        from florence2_serve.worker.inference import InferenceRequest
         from florence2_serve.worker.model_builder import lesson_images
         from florence2_serve.common.tasks import Task
         path = build_remote_code({str(tmp_path / 'remote')!r})

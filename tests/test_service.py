@@ -71,7 +71,8 @@ def types_of(events):
 
 def test_od_through_the_service_equals_core_in_process(service, tiny_loaded):
     from florence2_serve.common.images import decode_image
-    from florence2_serve.worker.engine import Florence2Engine, InferenceRequest
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
 
     events = events_of(service.client, job_spec(service.car_jpeg, "tiny", Task.OD))
     assert types_of(events) == ["QUEUED", "STARTED", "RESULT", "DONE"]

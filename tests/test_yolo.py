@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 from florence2_serve.common.tasks import Task
-from florence2_serve.worker.engine import InferenceRequest, create_engine
+from florence2_serve.worker.backends import create_engine
+from florence2_serve.worker.inference import InferenceRequest
 from florence2_serve.worker.model_builder import lesson_images
 
 # Found without importing it: importing ultralytics at collection would change process-wide state

@@ -72,7 +72,8 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
     from florence2_serve.common.generation import GenerationSettings
     from florence2_serve.common.tasks import Task
 
-    from .engine import InferenceRequest, create_engine
+    from .backends import create_engine
+    from .inference import InferenceRequest
     from .loader import LoadOptions, ModelLoadError, load_model
     from .model_builder import lesson_images
 

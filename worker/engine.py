@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Callable
 
 from florence2_serve.common.generation import GenerationSettings
@@ -20,28 +19,10 @@ from florence2_serve.common.postprocess import parse_generation
 from florence2_serve.common.results import TaskResult
 from florence2_serve.common.tasks import Task, build_prompt
 
+from .inference import InferenceOutcome, InferenceRequest
 from .loader import LoadedModel
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class InferenceRequest:
-    image: object  # PIL.Image, RGB
-    task: Task
-    text: str = ""
-    region: tuple[float, float, float, float] | None = None
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
-    should_stop: Callable[[], bool] | None = None  # cancelled or past deadline
-    request_id: str = ""
-
-
-@dataclass
-class InferenceOutcome:
-    request: InferenceRequest
-    result: TaskResult | None = None
-    error: str | None = None
-    cancelled: bool = False
 
 
 class _StopRequested:
@@ -62,6 +43,8 @@ class _StopRequested:
 
 
 class Florence2Engine:
+    kind = "florence2"
+
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         self.generate_calls = 0
@@ -107,7 +90,7 @@ class Florence2Engine:
             for item in group:
                 self._run_group(settings, [item], outcomes)
             return
-        for (request, _), result in zip(group, results):
+        for (request, _), result in zip(group, results, strict=True):
             outcome = outcomes[id(request)]
             if request.should_stop and request.should_stop():
                 outcome.cancelled = True
@@ -142,7 +125,7 @@ class Florence2Engine:
         pad_id = processor.tokenizer.pad_token_id
         texts = processor.batch_decode(generated, skip_special_tokens=False)
         results = []
-        for (request, _), row, text in zip(group, generated, texts):
+        for (request, _), row, text in zip(group, generated, texts, strict=True):
             post_started = time.perf_counter()
             raw_text = text.replace(processor.tokenizer.pad_token, "")
             result = parse_generation(request.task, raw_text, request.image.size)
@@ -165,12 +148,3 @@ def _criteria_list(stopper):
             return stopper(input_ids, scores, **kwargs)
 
     return StoppingCriteriaList([_Criteria()])
-
-
-def create_engine(loaded: LoadedModel):
-    """The engine for a loaded model: batched generate for Florence-2, batched predict for YOLOv8."""
-    if loaded.kind == "yolo":
-        from .yolo import YoloEngine
-
-        return YoloEngine(loaded)
-    return Florence2Engine(loaded)

@@ -22,7 +22,7 @@ from .model_builder import read_marker
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "native", "remote", "yolo")
+KINDS = ("auto", "native", "remote", "yolo", "noop")
 ATTENTIONS = ("eager", "sdpa")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
 NATIVE_MIN_TRANSFORMERS = (4, 56)
@@ -162,6 +162,10 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
     flash_attn_shim.install()
     from .yolo import is_yolo_path, load_yolo
 
+    if options.kind == "noop":
+        from .noop import load_noop
+
+        return load_noop()
     if options.kind == "yolo" or (options.kind == "auto" and is_yolo_path(path_or_id)):
         return load_yolo(path_or_id, options.device, options.dtype)
     started = time.perf_counter()

@@ -1,117 +1,145 @@
-"""A worker's background thread: registration heartbeat, cancel flags, rq job heartbeats."""
+"""A worker's background duties: being findable, keeping its jobs alive in rq, hearing cancels, maintenance.
+
+Heartbeat (every `heartbeat_s`, on its own thread): writes the whole registration (so a
+registration lost to a Redis outage or failover comes back by itself), rq's worker heartbeat
+(re-registering with rq when its key is gone) and rq's heartbeat of every job the worker holds.
+Cancel poll (every `cancel_poll_ms`, only while jobs are held): one MGET of their cancel flags.
+Maintenance (`maintain()`, called every `maintenance_interval_s` by the worker's main thread): rq's
+`clean_registries`, which finds jobs abandoned by dead workers and retries or fails them (rq's own
+code, behind rq's lock). It must run on the main thread: rq bounds the failure callback it runs with
+a SIGALRM timer. Every Redis error is logged once per outage and retried; none stops the worker.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from typing import Callable
 
 import redis
-from rq.utils import now
 
 from florence2_serve.common import redis_layout as layout
+from florence2_serve.common import rq_bridge
 
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class InFlight:
-    job: object  # rq Job
-    execution: object  # rq Execution
-    queue: object  # rq Queue
-    cancel: threading.Event
+REDIS_ERRORS = (redis.RedisError, OSError)
 
 
-class Presence(threading.Thread):
-    def __init__(self, connection: redis.Redis, settings: WorkerSettings, description: dict):
-        super().__init__(name="florence2-presence", daemon=True)
+class OutageLog:
+    """Log a Redis outage once when it starts and once when it ends."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.since: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            log.warning("%s: Redis unreachable (%s); retrying until it is back", self.what, _plain(exc))
+
+    def ok(self) -> None:
+        if self.since is not None:
+            log.info("%s: Redis is back after %.1f s", self.what, time.monotonic() - self.since)
+            self.since = None
+
+
+def _plain(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+class Presence:
+    """Runs the heartbeat/cancel thread and the maintenance thread of one worker."""
+
+    def __init__(self, connection: redis.Redis, settings: WorkerSettings, description: dict, rq_worker,
+                 held_jobs: Callable[[], list], on_cancel: Callable[[str], None], state: Callable[[], str]):
         self.connection = connection
         self.settings = settings
         self.description = {k: str(v) for k, v in description.items()}
-        self.in_flight: dict[str, InFlight] = {}
-        self.lock = threading.Lock()
+        self.rq_worker = rq_worker
+        self.held_jobs = held_jobs  # -> [TakenJob]
+        self.on_cancel = on_cancel
+        self.state = state
         self.stopping = threading.Event()
+        self._thread = threading.Thread(target=self._beat_loop, name="florence2-heartbeat", daemon=True)
+        self._maintenance_outage = OutageLog("maintenance")
 
-    # -- registration -------------------------------------------------------------------------
+    # -- registration ---------------------------------------------------------------------------
 
     def register(self) -> None:
+        """Register with this service and with rq (raises when Redis is unreachable)."""
+        self._write_registration()
+
+    def _write_registration(self) -> None:
         key = layout.worker_key(self.settings.worker_id)
-        with self.connection.pipeline() as pipe:
-            pipe.hset(key, mapping={**self.description, "jobs_done": 0, "generate_calls": 0, "state": "idle"})
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping={**self.description, "state": self.state()})
+            pipe.hsetnx(key, "jobs_done", 0)
+            pipe.hsetnx(key, "generate_calls", 0)
             pipe.expire(key, self.settings.registration_ttl_s)
             pipe.sadd(layout.model_workers_key(self.settings.model_name), self.settings.worker_id)
             pipe.sadd(layout.MODELS_KEY, self.settings.model_name)
-            pipe.execute()
+            pipe.exists(self.rq_worker.key)
+            rq_registered = pipe.execute()[-1]
+        if not rq_registered:
+            self.rq_worker.register_birth()
+        else:
+            self.rq_worker.heartbeat()
 
     def unregister(self) -> None:
-        with self.connection.pipeline() as pipe:
-            pipe.delete(layout.worker_key(self.settings.worker_id))
-            pipe.srem(layout.model_workers_key(self.settings.model_name), self.settings.worker_id)
-            pipe.execute()
+        try:
+            with self.connection.pipeline() as pipe:
+                pipe.delete(layout.worker_key(self.settings.worker_id))
+                pipe.srem(layout.model_workers_key(self.settings.model_name), self.settings.worker_id)
+                pipe.execute()
+            self.rq_worker.register_death()
+        except REDIS_ERRORS as exc:
+            log.warning("could not unregister (%s); the registration expires by itself", _plain(exc))
 
-    def record_batch(self, pipe, jobs: int) -> None:
-        """Queue the batch counters on `pipe` (batching is observable through ListModels)."""
-        key = layout.worker_key(self.settings.worker_id)
-        pipe.hincrby(key, "jobs_done", jobs)
-        pipe.hincrby(key, "generate_calls", 1)
+    # -- threads --------------------------------------------------------------------------------
 
-    def set_state(self, pipe, state: str) -> None:
-        pipe.hset(layout.worker_key(self.settings.worker_id), "state", state)
-
-    # -- in-flight jobs -----------------------------------------------------------------------
-
-    def track(self, job_id: str, entry: InFlight) -> None:
-        with self.lock:
-            self.in_flight[job_id] = entry
-
-    def untrack(self, job_id: str) -> None:
-        with self.lock:
-            self.in_flight.pop(job_id, None)
-
-    def _poll_cancels(self) -> None:
-        with self.lock:
-            entries = list(self.in_flight.items())
-        if not entries:
-            return
-        with self.connection.pipeline(transaction=False) as pipe:
-            for job_id, _ in entries:
-                pipe.exists(layout.cancel_key(job_id))
-            flags = pipe.execute()
-        for (job_id, entry), flagged in zip(entries, flags):
-            if flagged and not entry.cancel.is_set():
-                log.info("job %s cancelled", job_id)
-                entry.cancel.set()
-
-    def _heartbeat(self) -> None:
-        ttl = self.settings.registration_ttl_s
-        with self.lock:
-            entries = list(self.in_flight.values())
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.expire(layout.worker_key(self.settings.worker_id), ttl)
-            pipe.sadd(layout.model_workers_key(self.settings.model_name), self.settings.worker_id)
-            job_ttl = self.settings.job_heartbeat_ttl_s
-            for entry in entries:
-                entry.job.heartbeat(now(), job_ttl, pipeline=pipe, xx=True)
-                entry.execution.heartbeat(entry.queue.started_job_registry, job_ttl, pipe)
-            pipe.execute()
-
-    def run(self) -> None:
-        next_heartbeat = 0.0
-        while not self.stopping.is_set():
-            try:
-                self._poll_cancels()
-                if time.monotonic() >= next_heartbeat:
-                    self._heartbeat()
-                    next_heartbeat = time.monotonic() + self.settings.heartbeat_s
-            except (redis.RedisError, OSError) as exc:
-                log.warning("presence: redis error (%s); retrying", exc)
-                time.sleep(0.5)
-            self.stopping.wait(self.settings.cancel_poll_ms / 1000)
+    def start(self) -> None:
+        self._thread.start()
 
     def stop(self) -> None:
         self.stopping.set()
-        if self.is_alive():
-            self.join(timeout=2)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _beat_loop(self) -> None:
+        outage = OutageLog("heartbeat")
+        next_beat = 0.0
+        poll_s = self.settings.cancel_poll_ms / 1000
+        while not self.stopping.is_set():
+            try:
+                held = self.held_jobs()
+                if held:
+                    self._poll_cancels(held)
+                if time.monotonic() >= next_beat:
+                    self._write_registration()
+                    rq_bridge.heartbeat(self.connection, held, ttl=self.settings.job_heartbeat_ttl_s)
+                    next_beat = time.monotonic() + self.settings.heartbeat_s
+                outage.ok()
+            except REDIS_ERRORS as exc:
+                outage.failed(exc)
+                self.stopping.wait(0.5)
+            self.stopping.wait(poll_s)
+
+    def _poll_cancels(self, held: list) -> None:
+        flags = self.connection.mget([layout.cancel_key(job.job_id) for job in held])
+        for job, flag in zip(held, flags, strict=True):
+            if flag is not None:
+                self.on_cancel(job.job_id)
+
+    def maintain(self) -> None:
+        """One round of rq's registry maintenance (main thread only)."""
+        try:
+            self.rq_worker.clean_registries()
+            self._maintenance_outage.ok()
+        except REDIS_ERRORS as exc:
+            self._maintenance_outage.failed(exc)
+        except Exception:  # noqa: BLE001 - rq maintenance must never take the worker down
+            log.exception("rq maintenance failed; trying again next interval")

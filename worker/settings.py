@@ -7,20 +7,7 @@ import socket
 import uuid
 from dataclasses import dataclass, field
 
-
-def parse_model_arg(value: str) -> tuple[str, str]:
-    """'NAME=PATH_OR_ID' -> (name, path); a bare path names the model after its last component."""
-    if "=" in value:
-        name, path = value.split("=", 1)
-    else:
-        path = value
-        name = path.rstrip("/").split("/")[-1]
-    name, path = name.strip(), path.strip()
-    if not name or not path:
-        raise ValueError(f"--model must be NAME=PATH_OR_ID, got {value!r}")
-    if not all(c.isalnum() or c in "-_." for c in name):
-        raise ValueError(f"model name {name!r} may hold letters, digits, '-', '_' and '.' only")
-    return name, path
+from florence2_serve.common.model_arg import parse_model_arg
 
 
 def _default_worker_id() -> str:
@@ -40,14 +27,19 @@ class WorkerSettings:
     batch_wait_ms: float = 5.0
     result_ttl_s: int = 3600
     worker_id: str = field(default_factory=_default_worker_id)
-    # Presence: the registration hash expires unless refreshed every heartbeat_s.
-    heartbeat_s: float = 2.0
+    # Presence: the registration (and rq's heartbeat of held jobs) is written every heartbeat_s.
+    heartbeat_s: float = 1.0
     registration_ttl_s: int = 10
-    # How often running jobs' cancel flags are read (each decoding step sees the latest value).
+    # How often held jobs' cancel flags are read (each decoding step sees the latest value).
     cancel_poll_ms: float = 20.0
-    # A job whose worker stops heartbeating for this long is abandoned, then retried or failed.
-    job_heartbeat_ttl_s: int = 30
-    maintenance_interval_s: int = 30
+    # A held job whose worker stops heartbeating for this long is abandoned; the next maintenance
+    # (every maintenance_interval_s, on any live worker) re-runs it at the front of its queue.
+    job_heartbeat_ttl_s: int = 4
+    maintenance_interval_s: float = 1.0
+    # rq's own worker registration TTL (rq adds 60 s).
+    rq_worker_ttl_s: int = 20
+    # Longest an idle worker blocks on its wake list before looking at the queues itself.
+    wake_timeout_s: float = 0.5
     # Exit (SIGTERM) when the process that started this worker dies (used by `florence2 up`).
     exit_with_parent: bool = False
 
@@ -68,3 +60,8 @@ class WorkerSettings:
             raise ValueError(f"batch size must be between 1 and 256, got {self.batch_size}")
         if self.batch_wait_ms < 0:
             raise ValueError("batch wait must not be negative")
+        if self.job_heartbeat_ttl_s < 2 * self.heartbeat_s:
+            raise ValueError(f"job heartbeat TTL ({self.job_heartbeat_ttl_s} s) must be at least twice the "
+                             f"heartbeat interval ({self.heartbeat_s:g} s)")
+        if self.maintenance_interval_s <= 0:
+            raise ValueError("maintenance interval must be positive")

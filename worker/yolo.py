@@ -13,7 +13,7 @@ from pathlib import Path
 from florence2_serve.common.results import Box, TaskResult
 from florence2_serve.common.tasks import Task
 
-from .engine import InferenceOutcome, InferenceRequest
+from .inference import InferenceOutcome, InferenceRequest
 from .model_builder import read_marker, write_marker
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ def load_yolo(path_or_id: str, device: str, dtype: str):
 class YoloEngine:
     """Same interface as Florence2Engine: run_batch(requests) -> outcomes, one predict per batch."""
 
+    kind = "yolo"
+
     def __init__(self, loaded, confidence: float = DEFAULT_CONFIDENCE):
         self.loaded = loaded
         self.confidence = confidence
@@ -104,14 +106,14 @@ class YoloEngine:
         self.generate_calls += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         names = self.loaded.model.names
-        for outcome, prediction in zip(runnable, predictions):
+        for outcome, prediction in zip(runnable, predictions, strict=True):
             post_started = time.perf_counter()
             width, height = outcome.request.image.size
             result = TaskResult(task=Task.DETECT.value, image_width=width, image_height=height,
                                 model_id=self.loaded.model_id, model_revision=self.loaded.revision,
                                 batch_size=len(runnable))
             boxes = prediction.boxes
-            for xyxy, score, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist()):
+            for xyxy, score, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist(), strict=True):
                 result.boxes.append(Box(*[round(v, 2) for v in xyxy], label=str(names[int(cls)]),
                                         score=round(float(score), 4)))
             speed = getattr(prediction, "speed", {}) or {}

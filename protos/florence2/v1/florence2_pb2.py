@@ -22,70 +22,71 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"florence2_serve/v1/florence2.proto\x12\x0c\x66lorence2.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x06Region\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"r\n\x11GenerationOptions\x12\x11\n\tnum_beams\x18\x01 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x16\n\x0emin_new_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\"\xd8\x01\n\x07JobSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x04task\x18\x02 \x01(\x0e\x32\x12.florence2.v1.Task\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x0c\n\x04text\x18\x04 \x01(\t\x12$\n\x06region\x18\x05 \x01(\x0b\x32\x14.florence2.v1.Region\x12\x33\n\ngeneration\x18\x06 \x01(\x0b\x32\x1f.florence2.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\"3\n\rSubmitRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.florence2.v1.JobSpec\"X\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.florence2.v1.JobState\"0\n\nRunRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.florence2.v1.JobSpec\"4\n\x0bRunResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.florence2.v1.JobEvent\"6\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"6\n\rWatchResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.florence2.v1.JobEvent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.florence2.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"]\n\x11\x43\x61ncelJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.florence2.v1.JobState\x12\x11\n\tcancelled\x18\x03 \x01(\x08\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.florence2.v1.ModelInfo\"b\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05label\x18\x05 \x01(\t\x12\x12\n\x05score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"(\n\x07Polygon\x12\x0e\n\x06points\x18\x01 \x03(\x02\x12\r\n\x05label\x18\x02 \x01(\t\"\'\n\x07OcrQuad\x12\x0e\n\x06points\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\"_\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\"\xf7\x02\n\x06Result\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.florence2.v1.Task\x12\x0c\n\x04text\x18\x02 \x01(\t\x12 \n\x05\x62oxes\x18\x03 \x03(\x0b\x32\x11.florence2.v1.Box\x12\'\n\x08polygons\x18\x04 \x03(\x0b\x32\x15.florence2.v1.Polygon\x12\"\n\x03ocr\x18\x05 \x03(\x0b\x32\x15.florence2.v1.OcrQuad\x12\x10\n\x08raw_text\x18\x06 \x01(\t\x12\x13\n\x0bimage_width\x18\x07 \x01(\x05\x12\x14\n\x0cimage_height\x18\x08 \x01(\x05\x12\x10\n\x08model_id\x18\t \x01(\t\x12\x16\n\x0emodel_revision\x18\n \x01(\t\x12\x11\n\tworker_id\x18\x0b \x01(\t\x12&\n\x07timings\x18\x0c \x01(\x0b\x32\x15.florence2.v1.Timings\x12\x18\n\x10generated_tokens\x18\r \x01(\x05\x12\x12\n\nbatch_size\x18\x0e \x01(\x05\"\xd9\x01\n\x08JobEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.florence2.v1.EventType\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.florence2.v1.JobState\x12$\n\x06result\x18\x05 \x01(\x0b\x32\x14.florence2.v1.Result\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa9\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12 \n\x04task\x18\x04 \x01(\x0e\x32\x12.florence2.v1.Task\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.florence2.v1.JobState\x12$\n\x06result\x18\x06 \x01(\x0b\x32\x14.florence2.v1.Result\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x30\n\x0c\x63reated_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\n \x01(\t\"\xef\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x11\n\tattention\x18\x05 \x01(\t\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x16\n\x0emodel_revision\x18\x08 \x01(\t\x12\x16\n\x0erandom_weights\x18\t \x01(\x08\x12\x11\n\tjobs_done\x18\n \x01(\x03\x12\x16\n\x0egenerate_calls\x18\x0b \x01(\x03\x12\r\n\x05state\x18\x0c \x01(\t\"\x87\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x07workers\x18\x02 \x03(\x0b\x32\x18.florence2.v1.WorkerInfo\x12\x14\n\x0clive_workers\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x03\x12\x16\n\x0erandom_weights\x18\x05 \x01(\x08*\xd4\x03\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x10\n\x0cTASK_CAPTION\x10\x01\x12\x19\n\x15TASK_DETAILED_CAPTION\x10\x02\x12\x1e\n\x1aTASK_MORE_DETAILED_CAPTION\x10\x03\x12\x0b\n\x07TASK_OD\x10\x04\x12\x1d\n\x19TASK_DENSE_REGION_CAPTION\x10\x05\x12\x18\n\x14TASK_REGION_PROPOSAL\x10\x06\x12$\n TASK_CAPTION_TO_PHRASE_GROUNDING\x10\x07\x12*\n&TASK_REFERRING_EXPRESSION_SEGMENTATION\x10\x08\x12\x1f\n\x1bTASK_REGION_TO_SEGMENTATION\x10\t\x12\"\n\x1eTASK_OPEN_VOCABULARY_DETECTION\x10\n\x12\x1b\n\x17TASK_REGION_TO_CATEGORY\x10\x0b\x12\x1e\n\x1aTASK_REGION_TO_DESCRIPTION\x10\x0c\x12\x16\n\x12TASK_REGION_TO_OCR\x10\r\x12\x0c\n\x08TASK_OCR\x10\x0e\x12\x18\n\x14TASK_OCR_WITH_REGION\x10\x0f\x12\x0f\n\x0bTASK_DETECT\x10\x10*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06*\xb3\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_TYPE_QUEUED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_STARTED\x10\x02\x12\x15\n\x11\x45VENT_TYPE_RESULT\x10\x03\x12\x13\n\x0f\x45VENT_TYPE_DONE\x10\x04\x12\x15\n\x11\x45VENT_TYPE_FAILED\x10\x05\x12\x18\n\x14\x45VENT_TYPE_CANCELLED\x10\x06\x32\xbd\x03\n\x10\x46lorence2Service\x12\x43\n\x06Submit\x12\x1b.florence2.v1.SubmitRequest\x1a\x1c.florence2.v1.SubmitResponse\x12<\n\x03Run\x12\x18.florence2.v1.RunRequest\x1a\x19.florence2.v1.RunResponse0\x01\x12\x42\n\x05Watch\x12\x1a.florence2.v1.WatchRequest\x1a\x1b.florence2.v1.WatchResponse0\x01\x12\x43\n\x06GetJob\x12\x1b.florence2.v1.GetJobRequest\x1a\x1c.florence2.v1.GetJobResponse\x12L\n\tCancelJob\x12\x1e.florence2.v1.CancelJobRequest\x1a\x1f.florence2.v1.CancelJobResponse\x12O\n\nListModels\x12\x1f.florence2.v1.ListModelsRequest\x1a .florence2.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"florence2_serve/v1/florence2.proto\x12\x0c\x66lorence2.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"8\n\x06Region\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"r\n\x11GenerationOptions\x12\x11\n\tnum_beams\x18\x01 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\x16\n\x0emin_new_tokens\x18\x03 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\"\x84\x02\n\x07JobSpec\x12\r\n\x05model\x18\x01 \x01(\t\x12 \n\x04task\x18\x02 \x01(\x0e\x32\x12.florence2.v1.Task\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x0c\n\x04text\x18\x04 \x01(\t\x12$\n\x06region\x18\x05 \x01(\x0b\x32\x14.florence2.v1.Region\x12\x33\n\ngeneration\x18\x06 \x01(\x0b\x32\x1f.florence2.v1.GenerationOptions\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12*\n\x07timeout\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"3\n\rSubmitRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.florence2.v1.JobSpec\"X\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.florence2.v1.JobState\"0\n\nRunRequest\x12\"\n\x03job\x18\x01 \x01(\x0b\x32\x15.florence2.v1.JobSpec\"4\n\x0bRunResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.florence2.v1.JobEvent\"6\n\x0cWatchRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\"6\n\rWatchResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.florence2.v1.JobEvent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"0\n\x0eGetJobResponse\x12\x1e\n\x03job\x18\x01 \x01(\x0b\x32\x11.florence2.v1.Job\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"]\n\x11\x43\x61ncelJobResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.florence2.v1.JobState\x12\x11\n\tcancelled\x18\x03 \x01(\x08\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.florence2.v1.ModelInfo\"b\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05label\x18\x05 \x01(\t\x12\x12\n\x05score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"(\n\x07Polygon\x12\x0e\n\x06points\x18\x01 \x03(\x02\x12\r\n\x05label\x18\x02 \x01(\t\"\'\n\x07OcrQuad\x12\x0e\n\x06points\x18\x01 \x03(\x02\x12\x0c\n\x04text\x18\x02 \x01(\t\"_\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\"\xf7\x02\n\x06Result\x12 \n\x04task\x18\x01 \x01(\x0e\x32\x12.florence2.v1.Task\x12\x0c\n\x04text\x18\x02 \x01(\t\x12 \n\x05\x62oxes\x18\x03 \x03(\x0b\x32\x11.florence2.v1.Box\x12\'\n\x08polygons\x18\x04 \x03(\x0b\x32\x15.florence2.v1.Polygon\x12\"\n\x03ocr\x18\x05 \x03(\x0b\x32\x15.florence2.v1.OcrQuad\x12\x10\n\x08raw_text\x18\x06 \x01(\t\x12\x13\n\x0bimage_width\x18\x07 \x01(\x05\x12\x14\n\x0cimage_height\x18\x08 \x01(\x05\x12\x10\n\x08model_id\x18\t \x01(\t\x12\x16\n\x0emodel_revision\x18\n \x01(\t\x12\x11\n\tworker_id\x18\x0b \x01(\t\x12&\n\x07timings\x18\x0c \x01(\x0b\x32\x15.florence2.v1.Timings\x12\x18\n\x10generated_tokens\x18\r \x01(\x05\x12\x12\n\nbatch_size\x18\x0e \x01(\x05\"\xd9\x01\n\x08JobEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12%\n\x04type\x18\x03 \x01(\x0e\x32\x17.florence2.v1.EventType\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.florence2.v1.JobState\x12$\n\x06result\x18\x05 \x01(\x0b\x32\x14.florence2.v1.Result\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa9\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12 \n\x04task\x18\x04 \x01(\x0e\x32\x12.florence2.v1.Task\x12%\n\x05state\x18\x05 \x01(\x0e\x32\x16.florence2.v1.JobState\x12$\n\x06result\x18\x06 \x01(\x0b\x32\x14.florence2.v1.Result\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x30\n\x0c\x63reated_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tworker_id\x18\n \x01(\t\"\xef\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x11\n\tattention\x18\x05 \x01(\t\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x16\n\x0emodel_revision\x18\x08 \x01(\t\x12\x16\n\x0erandom_weights\x18\t \x01(\x08\x12\x11\n\tjobs_done\x18\n \x01(\x03\x12\x16\n\x0egenerate_calls\x18\x0b \x01(\x03\x12\r\n\x05state\x18\x0c \x01(\t\"\x87\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x07workers\x18\x02 \x03(\x0b\x32\x18.florence2.v1.WorkerInfo\x12\x14\n\x0clive_workers\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x03\x12\x16\n\x0erandom_weights\x18\x05 \x01(\x08*\xd4\x03\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x10\n\x0cTASK_CAPTION\x10\x01\x12\x19\n\x15TASK_DETAILED_CAPTION\x10\x02\x12\x1e\n\x1aTASK_MORE_DETAILED_CAPTION\x10\x03\x12\x0b\n\x07TASK_OD\x10\x04\x12\x1d\n\x19TASK_DENSE_REGION_CAPTION\x10\x05\x12\x18\n\x14TASK_REGION_PROPOSAL\x10\x06\x12$\n TASK_CAPTION_TO_PHRASE_GROUNDING\x10\x07\x12*\n&TASK_REFERRING_EXPRESSION_SEGMENTATION\x10\x08\x12\x1f\n\x1bTASK_REGION_TO_SEGMENTATION\x10\t\x12\"\n\x1eTASK_OPEN_VOCABULARY_DETECTION\x10\n\x12\x1b\n\x17TASK_REGION_TO_CATEGORY\x10\x0b\x12\x1e\n\x1aTASK_REGION_TO_DESCRIPTION\x10\x0c\x12\x16\n\x12TASK_REGION_TO_OCR\x10\r\x12\x0c\n\x08TASK_OCR\x10\x0e\x12\x18\n\x14TASK_OCR_WITH_REGION\x10\x0f\x12\x0f\n\x0bTASK_DETECT\x10\x10*\xb1\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x06*\xb3\x01\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45VENT_TYPE_QUEUED\x10\x01\x12\x16\n\x12\x45VENT_TYPE_STARTED\x10\x02\x12\x15\n\x11\x45VENT_TYPE_RESULT\x10\x03\x12\x13\n\x0f\x45VENT_TYPE_DONE\x10\x04\x12\x15\n\x11\x45VENT_TYPE_FAILED\x10\x05\x12\x18\n\x14\x45VENT_TYPE_CANCELLED\x10\x06\x32\xbd\x03\n\x10\x46lorence2Service\x12\x43\n\x06Submit\x12\x1b.florence2.v1.SubmitRequest\x1a\x1c.florence2.v1.SubmitResponse\x12<\n\x03Run\x12\x18.florence2.v1.RunRequest\x1a\x19.florence2.v1.RunResponse0\x01\x12\x42\n\x05Watch\x12\x1a.florence2.v1.WatchRequest\x1a\x1b.florence2.v1.WatchResponse0\x01\x12\x43\n\x06GetJob\x12\x1b.florence2.v1.GetJobRequest\x1a\x1c.florence2.v1.GetJobResponse\x12L\n\tCancelJob\x12\x1e.florence2.v1.CancelJobRequest\x1a\x1f.florence2.v1.CancelJobResponse\x12O\n\nListModels\x12\x1f.florence2.v1.ListModelsRequest\x1a .florence2.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'florence2_serve.v1.florence2_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=2694
-  _globals['_TASK']._serialized_end=3162
-  _globals['_JOBSTATE']._serialized_start=3165
-  _globals['_JOBSTATE']._serialized_end=3342
-  _globals['_EVENTTYPE']._serialized_start=3345
-  _globals['_EVENTTYPE']._serialized_end=3524
-  _globals['_REGION']._serialized_start=85
-  _globals['_REGION']._serialized_end=141
-  _globals['_GENERATIONOPTIONS']._serialized_start=143
-  _globals['_GENERATIONOPTIONS']._serialized_end=257
-  _globals['_JOBSPEC']._serialized_start=260
-  _globals['_JOBSPEC']._serialized_end=476
-  _globals['_SUBMITREQUEST']._serialized_start=478
-  _globals['_SUBMITREQUEST']._serialized_end=529
-  _globals['_SUBMITRESPONSE']._serialized_start=531
-  _globals['_SUBMITRESPONSE']._serialized_end=619
-  _globals['_RUNREQUEST']._serialized_start=621
-  _globals['_RUNREQUEST']._serialized_end=669
-  _globals['_RUNRESPONSE']._serialized_start=671
-  _globals['_RUNRESPONSE']._serialized_end=723
-  _globals['_WATCHREQUEST']._serialized_start=725
-  _globals['_WATCHREQUEST']._serialized_end=779
-  _globals['_WATCHRESPONSE']._serialized_start=781
-  _globals['_WATCHRESPONSE']._serialized_end=835
-  _globals['_GETJOBREQUEST']._serialized_start=837
-  _globals['_GETJOBREQUEST']._serialized_end=868
-  _globals['_GETJOBRESPONSE']._serialized_start=870
-  _globals['_GETJOBRESPONSE']._serialized_end=918
-  _globals['_CANCELJOBREQUEST']._serialized_start=920
-  _globals['_CANCELJOBREQUEST']._serialized_end=954
-  _globals['_CANCELJOBRESPONSE']._serialized_start=956
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1049
-  _globals['_LISTMODELSREQUEST']._serialized_start=1051
-  _globals['_LISTMODELSREQUEST']._serialized_end=1070
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1072
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1133
-  _globals['_BOX']._serialized_start=1135
-  _globals['_BOX']._serialized_end=1233
-  _globals['_POLYGON']._serialized_start=1235
-  _globals['_POLYGON']._serialized_end=1275
-  _globals['_OCRQUAD']._serialized_start=1277
-  _globals['_OCRQUAD']._serialized_end=1316
-  _globals['_TIMINGS']._serialized_start=1318
-  _globals['_TIMINGS']._serialized_end=1413
-  _globals['_RESULT']._serialized_start=1416
-  _globals['_RESULT']._serialized_end=1791
-  _globals['_JOBEVENT']._serialized_start=1794
-  _globals['_JOBEVENT']._serialized_end=2011
-  _globals['_JOB']._serialized_start=2014
-  _globals['_JOB']._serialized_end=2311
-  _globals['_WORKERINFO']._serialized_start=2314
-  _globals['_WORKERINFO']._serialized_end=2553
-  _globals['_MODELINFO']._serialized_start=2556
-  _globals['_MODELINFO']._serialized_end=2691
-  _globals['_FLORENCE2SERVICE']._serialized_start=3527
-  _globals['_FLORENCE2SERVICE']._serialized_end=3972
+  _globals['_TASK']._serialized_start=2770
+  _globals['_TASK']._serialized_end=3238
+  _globals['_JOBSTATE']._serialized_start=3241
+  _globals['_JOBSTATE']._serialized_end=3418
+  _globals['_EVENTTYPE']._serialized_start=3421
+  _globals['_EVENTTYPE']._serialized_end=3600
+  _globals['_REGION']._serialized_start=117
+  _globals['_REGION']._serialized_end=173
+  _globals['_GENERATIONOPTIONS']._serialized_start=175
+  _globals['_GENERATIONOPTIONS']._serialized_end=289
+  _globals['_JOBSPEC']._serialized_start=292
+  _globals['_JOBSPEC']._serialized_end=552
+  _globals['_SUBMITREQUEST']._serialized_start=554
+  _globals['_SUBMITREQUEST']._serialized_end=605
+  _globals['_SUBMITRESPONSE']._serialized_start=607
+  _globals['_SUBMITRESPONSE']._serialized_end=695
+  _globals['_RUNREQUEST']._serialized_start=697
+  _globals['_RUNREQUEST']._serialized_end=745
+  _globals['_RUNRESPONSE']._serialized_start=747
+  _globals['_RUNRESPONSE']._serialized_end=799
+  _globals['_WATCHREQUEST']._serialized_start=801
+  _globals['_WATCHREQUEST']._serialized_end=855
+  _globals['_WATCHRESPONSE']._serialized_start=857
+  _globals['_WATCHRESPONSE']._serialized_end=911
+  _globals['_GETJOBREQUEST']._serialized_start=913
+  _globals['_GETJOBREQUEST']._serialized_end=944
+  _globals['_GETJOBRESPONSE']._serialized_start=946
+  _globals['_GETJOBRESPONSE']._serialized_end=994
+  _globals['_CANCELJOBREQUEST']._serialized_start=996
+  _globals['_CANCELJOBREQUEST']._serialized_end=1030
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1032
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1125
+  _globals['_LISTMODELSREQUEST']._serialized_start=1127
+  _globals['_LISTMODELSREQUEST']._serialized_end=1146
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1148
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1209
+  _globals['_BOX']._serialized_start=1211
+  _globals['_BOX']._serialized_end=1309
+  _globals['_POLYGON']._serialized_start=1311
+  _globals['_POLYGON']._serialized_end=1351
+  _globals['_OCRQUAD']._serialized_start=1353
+  _globals['_OCRQUAD']._serialized_end=1392
+  _globals['_TIMINGS']._serialized_start=1394
+  _globals['_TIMINGS']._serialized_end=1489
+  _globals['_RESULT']._serialized_start=1492
+  _globals['_RESULT']._serialized_end=1867
+  _globals['_JOBEVENT']._serialized_start=1870
+  _globals['_JOBEVENT']._serialized_end=2087
+  _globals['_JOB']._serialized_start=2090
+  _globals['_JOB']._serialized_end=2387
+  _globals['_WORKERINFO']._serialized_start=2390
+  _globals['_WORKERINFO']._serialized_end=2629
+  _globals['_MODELINFO']._serialized_start=2632
+  _globals['_MODELINFO']._serialized_end=2767
+  _globals['_FLORENCE2SERVICE']._serialized_start=3603
+  _globals['_FLORENCE2SERVICE']._serialized_end=4048
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -106,7 +107,7 @@ class GenerationOptions(_message.Message):
     def __init__(self, num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority")
+    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +116,7 @@ class JobSpec(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: Task
     image: bytes
@@ -123,7 +125,8 @@ class JobSpec(_message.Message):
     generation: GenerationOptions
     request_id: str
     priority: int
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
+    timeout: _duration_pb2.Duration
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("job",)

@@ -94,7 +94,8 @@ class Florence2ServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Watch(self, request, context):
-        """Stream a job's events after `after_event_id` (empty: from the first) until it ends.
+        """Stream a job's events after `after_event_id` (empty: from the first) until it ends. A job that
+        has ended streams what is left and closes at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,7 +109,8 @@ class Florence2ServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelJob(self, request, context):
-        """Remove a queued job, or interrupt a running one at its next decoding step.
+        """Remove a queued job, or interrupt a running one at its next decoding step. The reply states the
+        job's state when it returns (CANCELLED once the job has stopped).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

