@@ -388,17 +388,18 @@ return n_ok + n_failed
 """
 
 _REQUEUE = r"""
--- Put taken but unfinished jobs back at the front of their queues (a worker that must stop now).
--- ARGV: ttl, time, worker, iso, wake key, then per job: id, queue key, execution id.
+-- Put taken but unfinished jobs back at the front of their queues (a worker that is stopping).
+-- ARGV: ttl, time, worker, iso, wake key, reason, then per job: id, queue key, execution id.
 local a = _HEAD
 local ttl, time, worker, iso, wake = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
+local reason = ARGV[a + 6]
 local n = 0
-for i = a + 6, #ARGV, 3 do
+for i = a + 7, #ARGV, 3 do
   local id, qkey, exec = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local state = job_state(id)
   if state and not TERMINAL[state] then
     rq_requeue(id, qkey, string.sub(qkey, #RQ_QUEUE + 1), exec, worker, iso)
-    append(id, 'QUEUED', 'QUEUED', time, 'back in the queue: its worker stopped before finishing it', '')
+    append(id, 'QUEUED', 'QUEUED', time, reason, '')
     set_state(id, 'QUEUED', '')
     n = n + 1
   end
@@ -683,12 +684,14 @@ def progress(connection: redis.Redis, ended: list[Finished], *, ttl: int, worker
     run_script(connection, "progress", args)
 
 
-def requeue(connection: redis.Redis, jobs: list[TakenJob], *, model: str, ttl: int, worker_name: str) -> int:
+def requeue(connection: redis.Redis, jobs: list[TakenJob], *, model: str, ttl: int, worker_name: str,
+            reason: str = "back in the queue: the worker that had taken it stopped") -> int:
+    """Put taken jobs back at the front of their queues (their QUEUED event says `reason`)."""
     if not jobs:
         return 0
     clock = Clock()
     return int(run_script(connection, "requeue", [ttl, repr(clock.ts), worker_name, clock.iso, layout.wake_key(model),
-                                                *_job_triples(jobs)]))
+                                                reason, *_job_triples(jobs)]))
 
 
 def heartbeat(connection: redis.Redis, jobs: list[TakenJob], *, ttl: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import logging
 import signal
@@ -119,6 +120,7 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bind = address or settings.address
+    _check_free(bind)
     try:
         port = server.add_insecure_port(bind)
     except RuntimeError:
@@ -126,6 +128,24 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     if port == 0:
         raise AddressInUse(f"cannot listen on {bind}: the port is in use or the address is not available")
     return FrontEnd(server, port, store, health_servicer, settings), port
+
+
+def _check_free(address: str) -> None:
+    """AddressInUse before gRPC tries a busy port (gRPC would log its own multi-line complaint first)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    if not port.isdigit() or int(port) == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's own listener does
+        try:
+            probe.bind((host, int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"cannot listen on {address}: the port is in use") from None
 
 
 async def check_redis(url: str) -> None:

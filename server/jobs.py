@@ -144,7 +144,8 @@ class JobStore:
         """(state when this returns, whether this call cancelled the job).
 
         A job a worker has taken stops at its next decoding step: wait up to `wait_s` for that, so
-        the reply is normally its final CANCELLED; otherwise the reply is its state at that moment.
+        the reply is normally its final CANCELLED (or the state it ended in, had it finished first);
+        otherwise the reply is its state at that moment, with the cancellation still pending.
         """
         watcher = self.hub.watch(job_id)
         try:
@@ -155,11 +156,12 @@ class JobStore:
                 return JobState(state), acted
             try:
                 ended = await asyncio.wait_for(_terminal_event(watcher), timeout=wait_s)
-                return ended.state, True
+                return ended.state, ended.state is JobState.CANCELLED
             except asyncio.TimeoutError:
                 pass
-            current = await self.redis.execute("HGET", layout.job_key(job_id), "state")
-            return (JobState(current.decode()) if current else JobState(state)), True
+            current = JobState((await self.redis.execute("HGET", layout.job_key(job_id), "state") or b"").decode()
+                               or state)
+            return current, current is JobState.CANCELLED or not current.terminal
         finally:
             self.hub.unwatch(watcher)
 

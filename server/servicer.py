@@ -200,11 +200,14 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
 
     async def _relay(self, job_id: str, stream, wrap, context):
+        metrics.OPEN_STREAMS.inc()
         try:
             async for event in stream:
                 yield wrap(event=convert.event_to_proto(job_id, event))
         except UnknownJob as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        finally:
+            metrics.OPEN_STREAMS.dec()
 
     async def _get_or_abort(self, job_id: str, context):
         if not job_id:

@@ -75,6 +75,11 @@ class _Batch:
     outcomes: list[InferenceOutcome]
 
 
+@dataclass
+class _Requeue:
+    jobs: list[TakenJob]
+
+
 class BatchWorker:
     def __init__(self, connection: redis.Redis, settings: WorkerSettings, engine: Engine, description: dict):
         self.connection = connection
@@ -136,12 +141,17 @@ class BatchWorker:
             self.presence.unregister()
 
     def stop(self, now: bool = False) -> None:
-        """Stop taking jobs and drain what is held; with now=True interrupt and requeue instead."""
+        """Stop taking jobs: the running batch finishes, jobs not started yet go back to the front of
+        their queues. With now=True the running batch stops at its next step and is requeued too."""
         with self._lock:
             self._accepting = False
             if now:
                 self._now.set()
+            waiting = [held.job for held in self._ready]
+            self._ready.clear()
             self._ready_changed.notify_all()
+        if waiting:
+            self._finishing.put(_Requeue(waiting))
 
     @property
     def stopping(self) -> bool:
@@ -158,7 +168,7 @@ class BatchWorker:
             while True:
                 with self._ready_changed:
                     while self._accepting and len(self._ready) >= settings.batch_size:
-                        self._ready_changed.wait()
+                        self._ready_changed.wait(1.0)
                     if not self._accepting:
                         return
                     capacity = settings.batch_size - len(self._ready)
@@ -224,10 +234,14 @@ class BatchWorker:
                 self._held[held.job.job_id] = held
             for item in not_run:
                 self._held[item.job.job_id] = Held(item.job, taken_at=taken_at)
-            self._ready.extend(ready)
+            accepting = self._accepting
+            if accepting:
+                self._ready.extend(ready)
             self._ready_changed.notify_all()
         if not_run:
             self._finishing.put(not_run)
+        if not accepting and ready:  # taken while stopping: straight back to the queue
+            self._finishing.put(_Requeue([held.job for held in ready]))
 
     def _prepare(self, held: Held) -> str | None:
         """Decode the job into an InferenceRequest on `held`, or say why it cannot run."""
@@ -329,6 +343,8 @@ class BatchWorker:
             for entry in items:
                 if isinstance(entry, _Batch):
                     worked += self._ended(entry, ended, requeue)
+                elif isinstance(entry, _Requeue):
+                    requeue.extend(entry.jobs)
                 elif entry:
                     ended.extend(entry)
             self._write(ended, requeue, worked)
@@ -383,7 +399,7 @@ class BatchWorker:
             self._retry_until_done("requeue", lambda: rq_bridge.requeue(
                 self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
                 worker_name=settings.worker_id))
-            log.info("put %d unfinished jobs back at the front of their queues", len(requeue))
+            log.info("put %d jobs not finished here back at the front of their queues", len(requeue))
         with self._lock:
             for item in ended:
                 if item.outcome != "started":
@@ -424,6 +440,7 @@ class BatchWorker:
             waiting = not held.running and held in self._ready
             if waiting:
                 self._ready.remove(held)
+                self._ready_changed.notify_all()
         log.info("job %s cancelled", job_id)
         if waiting:
             self._finishing.put([Finished(held.job, "stopped", JobState.CANCELLED.value, "cancelled before it ran",

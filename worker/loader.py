@@ -66,6 +66,8 @@ class LoadedModel:
 
     @property
     def dtype_name(self) -> str:
+        if self.dtype is None:  # no tensors (the no-op backend)
+            return "-"
         return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(
             str(self.dtype), str(self.dtype)
         )

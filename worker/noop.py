@@ -1,8 +1,10 @@
-"""A backend that does no inference: for measuring the service around the model (tests, benchmarks).
+"""A backend that does no inference: for measuring and testing the service around the model.
 
 `florence2 worker --model NAME=noop --kind noop` serves every task with an empty result that
-carries the image size, at once. Its workers are reported as random-weights models in
-ListModels, so nobody mistakes one for a real model.
+carries the image size. It "decodes" `min_new_tokens` steps of 1 ms each (0 by default: at once),
+consulting each request's stop check at every step the way a real generate does, so a test or
+benchmark can hold a job running for a chosen time without a model. Its workers are reported as
+random-weights models in ListModels, so nobody mistakes one for a real model.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from florence2_serve.common.results import TaskResult
 from .inference import InferenceOutcome, InferenceRequest
 
 MODEL_ID = "noop"
+STEP_S = 0.001
 
 
 class NoopEngine:
@@ -25,16 +28,28 @@ class NoopEngine:
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         self.generate_calls += 1
-        outcomes = []
-        for request in requests:
-            outcome = InferenceOutcome(request)
-            if request.should_stop and request.should_stop():
-                outcome.cancelled = True
-            else:
-                width, height = request.image.size
-                outcome.result = TaskResult(task=request.task.value, image_width=width, image_height=height,
-                                            model_id=MODEL_ID, model_revision=MODEL_ID, batch_size=len(requests))
-            outcomes.append(outcome)
+        outcomes = [InferenceOutcome(request) for request in requests]
+        steps = max((r.generation.min_new_tokens for r in requests), default=0)
+        for step in range(steps + 1):
+            live = 0
+            for outcome in outcomes:
+                request = outcome.request
+                if outcome.cancelled or step > request.generation.min_new_tokens:
+                    continue
+                if request.should_stop and request.should_stop():
+                    outcome.cancelled = True
+                else:
+                    live += 1
+            if not live:
+                break
+            if step < steps:
+                time.sleep(STEP_S)
+        for outcome in outcomes:
+            if not outcome.cancelled:
+                width, height = outcome.request.image.size
+                outcome.result = TaskResult(task=outcome.request.task.value, image_width=width, image_height=height,
+                                            model_id=MODEL_ID, model_revision=MODEL_ID, batch_size=len(requests),
+                                            generated_tokens=outcome.request.generation.min_new_tokens)
         return outcomes
 
 

@@ -1,0 +1,181 @@
+"""`florence2 up` as an operator runs it: stop order, supervision, bare model paths, a data directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from florence2_serve.client.client import Florence2Client, job_spec
+from florence2_serve.v1 import florence2_pb2 as pb
+from service_helpers import wait_for
+
+pytestmark = pytest.mark.slow
+EXE = str(Path(sys.executable).parent / "florence2")
+
+
+def hold(ms: int) -> dict:
+    return {"min_new_tokens": ms, "max_new_tokens": ms, "num_beams": 1}
+
+
+def types_of(events) -> list[str]:
+    return [pb.EventType.Name(e.type).removeprefix("EVENT_TYPE_") for e in events]
+
+
+class Up:
+    """`florence2 up` in a process group of its own, as a terminal would run it."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        environ = dict(os.environ if env is None else env)
+        environ.pop("REDIS_URL", None)
+        self.process = subprocess.Popen([EXE, "up", "--address", "127.0.0.1:0", *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True, env=environ, start_new_session=True)
+        self.address = self.process.stdout.readline().strip()
+        if not self.address:
+            raise AssertionError(self.process.stderr.read())
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.process.pid, signal.SIGINT)  # what a terminal sends to its foreground group
+
+    def wait(self, timeout: float = 60) -> tuple[int, str]:
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            if self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        return code, self.process.stderr.read()
+
+
+def test_ctrl_c_on_a_busy_up_drains_workers_before_front_end_and_redis(tmp_path):
+    up = Up("--model", "busy=noop", "--kind", "noop", "--workers", "2", "--batch-size", "1", "--in-memory")
+    with Florence2Client(up.address, timeout=30) as client:
+        png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
+        running = [client.submit(job_spec(png, "busy", "CAPTION", **hold(1500))).job_id for _ in range(2)]
+        wait_for(lambda: all(client.get_job(j).state == pb.JOB_STATE_RUNNING for j in running),
+                 message="both workers busy")
+        watched: dict[str, list] = {}
+        import threading
+
+        threads = []
+        for job_id in running:
+            def follow(job_id=job_id):
+                try:
+                    watched[job_id] = types_of(client.watch(job_id, timeout=30))
+                except Exception as exc:  # noqa: BLE001
+                    watched[job_id] = [repr(exc)]
+            threads.append(threading.Thread(target=follow, daemon=True))
+            threads[-1].start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        up.ctrl_c()
+        code, stderr = up.wait(timeout=40)
+        for thread in threads:
+            thread.join(timeout=10)
+    assert code == 0, stderr
+    assert time.monotonic() - started < 15
+    assert all(events[-1] == "DONE" for events in watched.values()), watched  # drained, not killed
+    assert "Traceback" not in stderr and "Error 111" not in stderr and "killing" not in stderr, stderr
+
+
+def test_up_with_a_bare_model_path_names_the_model_after_it(tmp_path):
+    up = Up("--model", str(tmp_path / "fastnoop"), "--kind", "noop", "--in-memory")
+    try:
+        with Florence2Client(up.address, timeout=30) as client:
+            assert [m.name for m in client.list_models()] == ["fastnoop"]
+            png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
+            assert types_of(client.run(job_spec(png, "fastnoop", "CAPTION")))[-1] == "DONE"
+    finally:
+        up.process.send_signal(signal.SIGTERM)
+        code, stderr = up.wait()
+    assert code == 0, stderr
+
+
+def test_up_restarts_a_worker_that_dies(tmp_path):
+    up = Up("--model", "sup=noop", "--kind", "noop", "--in-memory")
+    try:
+        with Florence2Client(up.address, timeout=30) as client:
+            first = client.list_models()[0].workers[0].worker_id
+            pid = int(first.rsplit("-", 2)[1])
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: [w.worker_id for m in client.list_models() for w in m.workers if w.worker_id != first],
+                     timeout=30, message="a replacement worker")
+            png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
+            assert types_of(client.run(job_spec(png, "sup", "CAPTION")))[-1] == "DONE"
+    finally:
+        up.process.send_signal(signal.SIGTERM)
+        code, stderr = up.wait()
+    assert code == 0
+    assert re.search(r"worker 0 of model sup exited with code -9; restarting it", stderr), stderr
+    assert "restarting worker 0 of model sup" in stderr
+
+
+def test_up_keeps_accepted_jobs_across_a_restart_in_its_data_dir(tmp_path):
+    data = tmp_path / "data"
+    png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
+    up = Up("--model", "keep=noop", "--kind", "noop", "--batch-size", "1", "--data-dir", str(data))
+    try:
+        with Florence2Client(up.address, timeout=30) as client:
+            blocker = client.submit(job_spec(png, "keep", "CAPTION", **hold(1500))).job_id
+            wait_for(lambda: client.get_job(blocker).state == pb.JOB_STATE_RUNNING, message="blocker running")
+            waiting = [client.submit(job_spec(png, "keep", "CAPTION", priority=p)).job_id for p in (0, 0, 3)]
+            time.sleep(1.2)  # the append-only file is flushed every second
+    finally:
+        up.process.send_signal(signal.SIGTERM)
+        code, stderr = up.wait()
+    assert code == 0, stderr
+    assert (data / "appendonlydir").is_dir()
+    again = Up("--model", "keep=noop", "--kind", "noop", "--data-dir", str(data))
+    try:
+        with Florence2Client(again.address, timeout=30) as client:
+            assert client.get_job(blocker).state == pb.JOB_STATE_SUCCEEDED
+            for job_id in waiting:
+                assert types_of(client.watch(job_id, timeout=30))[-1] == "DONE"
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        code, stderr = again.wait()
+    assert code == 0, stderr
+
+
+def test_two_stacks_cannot_share_a_data_dir(tmp_path):
+    data = tmp_path / "data"
+    first = Up("--model", "one=noop", "--kind", "noop", "--data-dir", str(data))
+    try:
+        second = subprocess.run([EXE, "up", "--model", "two=noop", "--kind", "noop", "--address", "127.0.0.1:0",
+                                 "--data-dir", str(data)], capture_output=True, text=True, timeout=60)
+        lines = [line for line in second.stderr.splitlines() if line.strip()]
+        assert second.returncode != 0 and len(lines) == 1 and "in use by another florence2 stack" in lines[0], \
+            second.stderr
+    finally:
+        first.process.send_signal(signal.SIGTERM)
+        first.wait()
+
+
+def test_default_data_dir_follows_xdg_data_home(tmp_path):
+    from florence2_serve.server.stack import default_data_dir
+
+    assert default_data_dir({"XDG_DATA_HOME": str(tmp_path)}) == tmp_path / "florence2-serve" / "redis"
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path))
+    up = Up("--model", "xdg=noop", "--kind", "noop", env=env)
+    up.process.send_signal(signal.SIGTERM)
+    code, stderr = up.wait()
+    assert code == 0, stderr
+    assert (tmp_path / "florence2-serve" / "redis" / "appendonlydir").is_dir()
+
+
+def test_models_json_lists_the_noop_worker(tmp_path):
+    up = Up("--model", "listed=noop", "--kind", "noop", "--in-memory")
+    try:
+        listed = json.loads(subprocess.run([EXE, "models", "--server", up.address, "--json"], capture_output=True,
+                                           text=True, timeout=30).stdout)
+        assert listed[0]["name"] == "listed" and listed[0]["random_weights"]
+        assert listed[0]["workers"][0]["dtype"] == "-"
+    finally:
+        up.process.send_signal(signal.SIGTERM)
+        up.wait()
