@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -56,4 +56,16 @@ class TaskResult:
     batch_size: int = 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The same as dataclasses.asdict, written out: it runs once per result on the worker's hot path."""
+        return {
+            "task": self.task, "image_width": self.image_width, "image_height": self.image_height,
+            "raw_text": self.raw_text, "text": self.text,
+            "boxes": [{"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2, "label": b.label, "score": b.score}
+                      for b in self.boxes],
+            "polygons": [{"points": list(p.points), "label": p.label} for p in self.polygons],
+            "ocr": [{"points": list(q.points), "text": q.text} for q in self.ocr],
+            "timings": {"queue_ms": self.timings.queue_ms, "preprocess_ms": self.timings.preprocess_ms,
+                        "generate_ms": self.timings.generate_ms, "postprocess_ms": self.timings.postprocess_ms},
+            "model_id": self.model_id, "model_revision": self.model_revision, "worker_id": self.worker_id,
+            "generated_tokens": self.generated_tokens, "batch_size": self.batch_size,
+        }

@@ -25,18 +25,21 @@ def task_from_proto(value: int) -> Task:
     return Task[name.removeprefix("TASK_")]
 
 
+_STATES = {state: pb.JobState.Value(f"JOB_STATE_{state.value}") for state in JobState}
+_EVENT_TYPES = {event_type: pb.EventType.Value(f"EVENT_TYPE_{event_type.value}") for event_type in EventType}
+
+
 def state_to_proto(state: JobState | str) -> int:
-    return pb.JobState.Value(f"JOB_STATE_{JobState(state).value}")
+    return _STATES[JobState(state)]
 
 
 def event_type_to_proto(event_type: EventType) -> int:
-    return pb.EventType.Value(f"EVENT_TYPE_{event_type.value}")
+    return _EVENT_TYPES[event_type]
 
 
 def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(int(seconds * 1e9))
-    return stamp
+    nanos = int(seconds * 1e9)
+    return Timestamp(seconds=nanos // 1_000_000_000, nanos=nanos % 1_000_000_000)
 
 
 def result_to_proto(data: dict) -> pb.Result:
@@ -59,8 +62,8 @@ def result_to_proto(data: dict) -> pb.Result:
 
 def event_to_proto(job_id: str, event: Event) -> pb.JobEvent:
     message = pb.JobEvent(
-        event_id=event.event_id, job_id=job_id, type=event_type_to_proto(event.type),
-        state=state_to_proto(event.state), error=event.error, time=_timestamp(event.time),
+        event_id=event.event_id, job_id=job_id, type=_EVENT_TYPES[event.type],
+        state=_STATES[event.state], error=event.error, time=_timestamp(event.time),
     )
     if event.result is not None:
         message.result.CopyFrom(result_to_proto(event.result))

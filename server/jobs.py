@@ -232,10 +232,14 @@ def _unknown(job_id: str, ttl: int) -> str:
     return f"no job {shown!r} (unknown, or expired {ttl} s after it last changed)"
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 def new_record(model: str, task: str, text: str, region, generation: dict, request_id: str,
-               priority: int, deadline: float | None, run_timeout_s: float) -> JobRecord:
+               priority: int, deadline: float | None, run_timeout_s: float, job_id: str | None = None) -> JobRecord:
     return JobRecord(
-        job_id=uuid.uuid4().hex, model=model, task=task, text=text, region=region, generation=generation,
+        job_id=job_id or new_job_id(), model=model, task=task, text=text, region=region, generation=generation,
         request_id=request_id, priority=priority, created=time.time(), deadline=deadline,
         run_timeout_s=run_timeout_s,
     )

@@ -24,7 +24,7 @@ from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 from . import convert, metrics
 from .events import BadEventId
-from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, QueueFull, UnknownJob, new_record
+from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, QueueFull, UnknownJob, new_job_id, new_record
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -145,9 +145,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         if remaining is not None:
             deadlines.append(now + remaining)
         record = new_record(spec.model, task.value, spec.text, region, generation, spec.request_id,
-                            spec.priority, min(deadlines) if deadlines else None, self.settings.job_timeout_s)
-        if job_id:
-            record.job_id = job_id
+                            spec.priority, min(deadlines) if deadlines else None, self.settings.job_timeout_s, job_id)
         try:
             enqueued = await self.store.submit(record, spec.image, fingerprint, spec.priority)
         except QueueFull as exc:
@@ -168,7 +166,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
 
     @_guarded_stream
     async def Run(self, request: pb.RunRequest, context):
-        job_id = new_record("", "", "", None, {}, "", 0, None, 0).job_id
+        job_id = new_job_id()
         # Watch before the job exists: its events all arrive through the hub, none read back.
         watcher = self.store.watch_new(job_id)
         try:
