@@ -21,6 +21,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -280,6 +281,10 @@ def main() -> None:
         report, client_cpu = drive(args.client, address, "nop", args.jobs, args.clients, image_path, go_binary)
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         command_stats = monitor.info("commandstats")
+        batches = {}
+        for worker_id in worker_ids:
+            stats = monitor.hgetall(f"f2s:worker:{worker_id}")
+            batches[worker_id] = int(stats[b"jobs_done"]) / max(1, int(stats[b"generate_calls"]))
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait()
@@ -298,7 +303,7 @@ def main() -> None:
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
         "grpcio": grpc.__version__, "rq": rq.__version__, "cpus": os.cpu_count(), "client": args.client,
         "clients": args.clients, "workers": args.workers, "batch_size": args.batch_size, "jobs": jobs,
-        "jobs_per_s": rate, "p50_ms": report["p50_ms"], "cpu_ms_per_job": {**per_job, "client": client_cpu * 1000 / jobs},
+        "jobs_per_s": rate, "p50_ms": report["p50_ms"], "mean_batch": batches, "cpu_ms_per_job": {**per_job, "client": client_cpu * 1000 / jobs},
     }
     result["redis_usec_per_job"] = {
         name.removeprefix("cmdstat_"): round(stats["usec"] / jobs, 2)
@@ -314,7 +319,8 @@ def main() -> None:
             print(f"--- {raw.stem}\n{summary}")
     print(json.dumps(result, indent=2))
     print(f"queue: {rate:.0f} jobs/s, CPU ms/job front end {per_job['front end']:.3f}, worker {worker_ms:.3f}, "
-          f"redis {per_job['redis']:.3f} (client {client_cpu * 1000 / jobs:.3f}, p50 {report['p50_ms']:.1f} ms)")
+          f"redis {per_job['redis']:.3f} (client {client_cpu * 1000 / jobs:.3f}, p50 {report['p50_ms']:.1f} ms, "
+          f"mean batch {statistics.mean(batches.values()):.1f})")
 
 
 if __name__ == "__main__":

@@ -91,8 +91,6 @@ async def concurrent(address: str, image: bytes, settings, clients: int, total: 
                 await client.detect(image, "tiny", "OD", max_new_tokens=settings.max_new_tokens,
                                     min_new_tokens=settings.min_new_tokens, num_beams=settings.num_beams)
 
-        await asyncio.gather(*[one_client() for _ in range(min(clients, 8))])  # warm-up
-        remaining[0] = total
         started = time.perf_counter()
         await asyncio.gather(*[one_client() for _ in range(clients)])
         return total / (time.perf_counter() - started)
@@ -139,7 +137,15 @@ def main() -> None:
         address = f"127.0.0.1:{wait_for_port(OUT / 'service-front.log', front)}"
         wait_for_workers(valkey.connection_url, ["bench"])
         times = sequential(address, image, settings, args.requests)
+        import redis
+
+        connection = redis.Redis.from_url(valkey.connection_url)
+        asyncio.run(concurrent(address, image, settings, args.clients, args.clients))  # warm-up
+        before = connection.hgetall("f2s:worker:bench")
         rate = asyncio.run(concurrent(address, image, settings, args.clients, max(256, 4 * args.clients)))
+        after = connection.hgetall("f2s:worker:bench")
+        mean_batch = ((int(after[b"jobs_done"]) - int(before[b"jobs_done"]))
+                      / max(1, int(after[b"generate_calls"]) - int(before[b"generate_calls"])))
     finally:
         stop(worker)
         stop(front)
@@ -150,7 +156,8 @@ def main() -> None:
                  "new_tokens": args.new_tokens, "beams": args.beams, "torch_threads": args.torch_threads},
         "in_process": {"p50": percentile(base_times, 50), "p99": percentile(base_times, 99),
                        "jobs_per_s": base_rate},
-        "service": {"p50": percentile(times, 50), "p99": percentile(times, 99), "jobs_per_s": rate},
+        "service": {"p50": percentile(times, 50), "p99": percentile(times, 99), "jobs_per_s": rate,
+                    "mean_batch": mean_batch},
     }
     report["added_p50_ms"] = report["service"]["p50"] - report["in_process"]["p50"]
     report["added_p99_ms"] = report["service"]["p99"] - report["in_process"]["p99"]
@@ -163,7 +170,8 @@ def main() -> None:
     print(f"| in-process | {ip['p50']:.2f} | {ip['p99']:.2f} | {ip['jobs_per_s']:.1f} |")
     print(f"| service | {sv['p50']:.2f} | {sv['p99']:.2f} | {sv['jobs_per_s']:.1f} |")
     print(f"\nservice: added p50 {report['added_p50_ms']:.2f} ms, p99 {report['added_p99_ms']:.2f} ms; "
-          f"throughput {100 * report['throughput_share']:.0f} % of in-process at batch {args.batch_size}")
+          f"throughput {100 * report['throughput_share']:.0f} % of in-process at batch {args.batch_size} "
+          f"(service mean batch {mean_batch:.1f})")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ class WorkerView:
 
 
 class JobStore:
-    # How long a positive "model has live workers" answer is reused (keeps Redis off the hot path).
-    LIVENESS_CACHE_S = 0.5
+    # How long a positive "model has live workers" answer is reused (keeps Redis off the hot path;
+    # registrations live 10 s, so a worker gone for good is noticed within this much of expiring).
+    LIVENESS_CACHE_S = 2.0
 
     def __init__(self, settings: ServerSettings):
         self.settings = settings

@@ -50,7 +50,7 @@ from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
 
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
-from .presence import REDIS_ERRORS, OutageLog, Presence
+from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,7 @@ class BatchWorker:
     # -- fetcher ----------------------------------------------------------------------------------
 
     def _fetch_loop(self, burst: bool) -> None:
+        name_os_thread("f2s-fetcher")
         outage = OutageLog("fetch")
         settings = self.settings
         pace_s = settings.batch_wait_ms / 1000
@@ -262,6 +263,7 @@ class BatchWorker:
     # -- model ------------------------------------------------------------------------------------
 
     def _model_loop(self) -> None:
+        name_os_thread("f2s-model")
         settings = self.settings
         while True:
             with self._ready_changed:
@@ -328,6 +330,7 @@ class BatchWorker:
     # -- finisher ---------------------------------------------------------------------------------
 
     def _finish_loop(self) -> None:
+        name_os_thread("f2s-finisher")
         while True:
             item = self._finishing.get()
             items = [item]
