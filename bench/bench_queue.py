@@ -227,6 +227,58 @@ def summarize_profile(raw: Path, top: int = 25) -> str:
     return "\n".join(f"{100 * n / total:5.1f}% {frame}" for frame, n in ranked)
 
 
+def drain(url: str, workers: list[subprocess.Popen], worker_ids: list[str], redis_pid: int, jobs: int,
+          image: bytes) -> dict:
+    """Worker-side cost at full batches: queue `jobs` while the workers are paused, then let them drain."""
+    import redis
+
+    from florence2_serve.common import redis_layout as layout
+    from florence2_serve.common import rq_bridge
+    from florence2_serve.server.redis_pipe import PipelinedRedis
+
+    connection = redis.Redis.from_url(url)
+
+    def done() -> int:
+        return sum(int(connection.hget(layout.worker_key(w), "jobs_done") or 0) for w in worker_ids)
+
+    for process in workers:
+        process.send_signal(signal.SIGSTOP)
+    try:
+        async def enqueue_all():
+            pipe = PipelinedRedis(url)
+            templates = rq_bridge.JobTemplates(rq_bridge.JobOptions(timeout=3600, ttl=3600, max_retries=2))
+
+            async def one(i: int):
+                record = layout.JobRecord(job_id=f"drain-{i}", model="nop", task="<CAPTION>")
+                await rq_bridge.enqueue(pipe, record, image, "drain", ttl=3600, max_depth=10 ** 6,
+                                        templates=templates, priority=0)
+
+            for start in range(0, jobs, 500):
+                await asyncio.gather(*[one(i) for i in range(start, min(start + 500, jobs))])
+            await pipe.close()
+
+        redis_before = cpu_seconds(redis_pid)
+        asyncio.run(enqueue_all())
+        enqueue_redis = cpu_seconds(redis_pid) - redis_before
+        before_done = done()
+    finally:
+        for process in workers:
+            process.send_signal(signal.SIGCONT)
+    cpu_before = {w: cpu_seconds(p.pid) for w, p in zip(worker_ids, workers)}
+    redis_before = cpu_seconds(redis_pid)
+    started = time.perf_counter()
+    while done() - before_done < jobs:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    worker_cpu = sum(cpu_seconds(p.pid) - cpu_before[w] for w, p in zip(worker_ids, workers))
+    calls = sum(int(connection.hget(layout.worker_key(w), "generate_calls")) for w in worker_ids)
+    return {"jobs": jobs, "jobs_per_s": jobs / elapsed, "worker_cpu_ms_per_job": worker_cpu * 1000 / jobs,
+            "redis_cpu_ms_per_job_worker_side": (cpu_seconds(redis_pid) - redis_before) * 1000 / jobs,
+            "redis_cpu_ms_per_job_enqueue": enqueue_redis * 1000 / jobs,
+            "mean_batch_overall": sum(int(connection.hget(layout.worker_key(w), "jobs_done")) for w in worker_ids)
+            / max(1, calls)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=6000)
@@ -235,6 +287,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--client", choices=["python", "go"], default="python")
+    parser.add_argument("--drain-jobs", type=int, default=8000,
+                        help="Then queue this many jobs with the workers paused and time the drain (full batches).")
     parser.add_argument("--profile", action="store_true",
                         help="Sample the front end and the first worker with py-spy during the run "
                              "(bench/out/profile-*.txt: own-time per function).")
@@ -288,6 +342,8 @@ def main() -> None:
         for spy in spies:
             spy.send_signal(signal.SIGINT)
             spy.wait()
+        drained = drain(url, workers, worker_ids, redis_pid, args.drain_jobs, image_path.read_bytes()) \
+            if args.drain_jobs else None
     finally:
         for process in [*workers, front]:
             stop(process)
@@ -311,6 +367,7 @@ def main() -> None:
     result["redis_calls_per_job"] = {
         name.removeprefix("cmdstat_"): round(stats["calls"] / jobs, 2)
         for name, stats in sorted(command_stats.items(), key=lambda item: -item[1]["calls"])[:12]}
+    result["drain"] = drained
     (OUT / "queue.json").write_text(json.dumps(result, indent=2))
     if args.profile:
         for raw in sorted(OUT.glob("profile-*.raw")):
@@ -318,6 +375,10 @@ def main() -> None:
             raw.with_suffix(".txt").write_text(summary + "\n")
             print(f"--- {raw.stem}\n{summary}")
     print(json.dumps(result, indent=2))
+    if drained:
+        print(f"drain of {drained['jobs']} queued jobs at batch {args.batch_size}: {drained['jobs_per_s']:.0f} jobs/s, "
+              f"CPU ms/job worker {drained['worker_cpu_ms_per_job']:.3f}, redis {drained['redis_cpu_ms_per_job_worker_side']:.3f} "
+              f"(+ {drained['redis_cpu_ms_per_job_enqueue']:.3f} to enqueue)")
     print(f"queue: {rate:.0f} jobs/s, CPU ms/job front end {per_job['front end']:.3f}, worker {worker_ms:.3f}, "
           f"redis {per_job['redis']:.3f} (client {client_cpu * 1000 / jobs:.3f}, p50 {report['p50_ms']:.1f} ms, "
           f"mean batch {statistics.mean(batches.values()):.1f})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 
@@ -34,3 +35,13 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "GenerationSettings":
+        """The settings for a request's options (only those it set); ValueError when out of range."""
+        return _settings(tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=256)
+def _settings(items: tuple) -> GenerationSettings:
+    return GenerationSettings(**dict(items))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
+EXIF_FORMATS = frozenset({"JPEG", "MPO", "TIFF", "WEBP"})
 DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
@@ -122,10 +123,11 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         image.load()
     except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
         raise ImageError(f"image data is corrupt or truncated ({source_format}): {exc}") from None
-    try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
-        pass
+    if source_format in EXIF_FORMATS or "exif" in image.info:  # a PNG's eXIf chunk lands in info
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
+            pass
     image = _to_rgb(image)
     image.info["source_format"] = source_format
     return image

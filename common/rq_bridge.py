@@ -340,24 +340,28 @@ _PROGRESS = r"""
 -- bookkeeping in one atomic step, so a job whose terminal event is written is finished in rq too
 -- and can never be found abandoned and run again).
 -- ARGV: ttl, time, worker, iso, now, ts, seconds worked, our worker key, generate calls, worker id,
--- then per job 9 fields: id, queue key, execution id, outcome (started | ok | failed | stopped),
--- state, error, result, started ts, rq exc_string.
+-- n started, the ids of the jobs the model started, then per ended job 9 fields: id, queue key,
+-- execution id, outcome (ok | failed | stopped), state, error, result, started ts, rq exc_string.
 local a = _HEAD
 local ttl, time, worker, iso = tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
 local now, ts = tonumber(ARGV[a + 5]), ARGV[a + 6]
 local n_ok, n_failed, worked = 0, 0, tonumber(ARGV[a + 7])
 local our_worker, calls, worker_id = ARGV[a + 8], tonumber(ARGV[a + 9]), ARGV[a + 10]
-for i = a + 11, #ARGV, 9 do
+local n_started = tonumber(ARGV[a + 11])
+for i = a + 12, a + 11 + n_started do
+  local id = ARGV[i]
+  local current = job_state(id)
+  if current and not TERMINAL[current] then
+    append(id, 'STARTED', 'RUNNING', time, '', '')
+    redis.call('HSET', F2S .. ':job:' .. id, 'state', 'RUNNING', 'worker_id', worker_id)
+  end
+end
+for i = a + 12 + n_started, #ARGV, 9 do
   local id, qkey, exec, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local state, err, result, started, exc = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
   local qname = string.sub(qkey, #RQ_QUEUE + 1)
   local current = job_state(id)
-  if outcome == 'started' then
-    if current and not TERMINAL[current] then
-      append(id, 'STARTED', 'RUNNING', time, '', '')
-      redis.call('HSET', F2S .. ':job:' .. id, 'state', 'RUNNING', 'worker_id', worker_id)
-    end
-  elseif current and not TERMINAL[current] then
+  if current and not TERMINAL[current] then
     if outcome == 'ok' then
       append(id, 'RESULT', 'RUNNING', time, '', result)
       finish_event(id, 'DONE', 'SUCCEEDED', time, '', ttl)
@@ -370,7 +374,7 @@ for i = a + 11, #ARGV, 9 do
   if outcome == 'ok' then
     rq_succeeded(id, qname, exec, worker, iso, now, ts, started, ttl)
     n_ok = n_ok + 1
-  elseif outcome ~= 'started' then
+  else
     rq_failed(id, qname, exec, worker, outcome, exc, iso, now, ts, started, ttl)
     n_failed = n_failed + 1
   end
@@ -670,13 +674,17 @@ class Finished:
 
 def progress(connection: redis.Redis, ended: list[Finished], *, ttl: int, worker_name: str, worker_id: str,
              worked_s: float, counters: tuple[str, int] = ("", 0)) -> None:
-    """Write starts and ends, in order; `counters` = (our worker registration key, generate calls to add)."""
+    """Write the jobs the model started, then the jobs that ended (STARTED always goes first: a batch
+    starts before it ends); `counters` = (our worker registration key, generate calls to add)."""
     if not ended:
         return
     clock = Clock()
+    started = [item.job.job_id for item in ended if item.outcome == "started"]
     args = [ttl, repr(clock.ts), worker_name, clock.iso, clock.int, repr(clock.ts), repr(worked_s), *counters,
-            worker_id]
+            worker_id, len(started), *started]
     for item in ended:
+        if item.outcome == "started":
+            continue
         job = item.job
         args += [job.job_id, job.queue_key, job.execution_id, item.outcome, item.state, item.error,
                  item.result_json, repr(item.started_at or clock.ts),

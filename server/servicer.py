@@ -89,7 +89,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
                 region = [spec.region.x1, spec.region.y1, spec.region.x2, spec.region.y2]
             validate_inputs(task, spec.text, tuple(region) if region else None)
             generation = convert.generation_from_proto(spec.generation)
-            GenerationSettings(**generation)
+            GenerationSettings.from_options(generation)
             layout.check_priority(spec.priority)
             if spec.HasField("timeout"):
                 timeout_s = spec.timeout.ToTimedelta().total_seconds()

@@ -135,9 +135,9 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_detect_embedded_runs_the_whole_stack(tiny_model_dir):
-    result = run_cli("detect", str(REPO / "examples" / "car.jpg"), "--embedded", "--model",
-                     f"tiny={tiny_model_dir}", "--json")
+def test_detect_embedded_runs_the_whole_stack_with_a_bare_model_path(tiny_model_dir):
+    result = run_cli("detect", str(REPO / "examples" / "car.jpg"), "--embedded", "--model", str(tiny_model_dir),
+                     "--json")
     assert result.returncode == 0, result.stderr
     line = json.loads(result.stdout)
     assert len(line["result"]["boxes"]) == 4 and line["result"]["raw_text"].startswith("</s><s>car")

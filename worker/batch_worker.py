@@ -249,7 +249,7 @@ class BatchWorker:
         job, record = held.job, held.job.record
         try:
             image = decode_image(job.image)
-            generation = GenerationSettings(**record.generation)
+            generation = GenerationSettings.from_options(record.generation)
             task = Task(record.task)
         except (ImageError, ValueError, TypeError) as exc:
             return f"bad request: {exc}"
