@@ -4,10 +4,12 @@
 
 1. Added latency: the same request (tiny model, <OD>, fixed output length, greedy) in-process
    (image decode + engine.run_batch) and through the service (embedded valkey, `florence2 serve`
-   and one `florence2 worker` as separate processes), one request at a time, p50/p99 of --requests.
+   and one `florence2 worker` as separate processes), one request at a time, p50/p99 of --requests
+   each, in alternating blocks of 20 (this machine's speed drifts by tens of percent over minutes).
 2. Throughput at the same batch size: in-process, the engine runs back-to-back batches of
    --batch-size (decoding every image); through the service, --clients concurrent asyncio clients
-   drive one worker with --batch-size. Reported: both, and the service's share of the in-process rate.
+   drive one worker with --batch-size. Measured in-process before and after the service run;
+   reported: all three, and the service's share of the mean in-process rate.
 torch runs on --torch-threads threads in both (the worker gets OMP_NUM_THREADS). Output length is
 fixed (min = max new tokens). Prints Markdown and writes bench/out/service.json.
 """
@@ -36,46 +38,49 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def in_process(model_dir: Path, image: bytes, settings, n: int, batch_size: int) -> tuple[list[float], float]:
-    """(per-request latencies one at a time, jobs/s in back-to-back batches of batch_size)."""
-    from florence2_serve.common.images import decode_image
-    from florence2_serve.common.tasks import Task
-    from florence2_serve.worker.engine import Florence2Engine
-    from florence2_serve.worker.inference import InferenceRequest
-    from florence2_serve.worker.loader import LoadOptions, load_model
+class InProcess:
+    """The engine in this process: what a request costs without the service."""
 
-    engine = Florence2Engine(load_model(str(model_dir), LoadOptions(device="cpu")))
+    def __init__(self, model_dir: Path, image: bytes, settings):
+        from florence2_serve.worker.engine import Florence2Engine
+        from florence2_serve.worker.loader import LoadOptions, load_model
 
-    def batch(size: int):
-        outcomes = engine.run_batch([InferenceRequest(decode_image(image), Task.OD, generation=settings)
-                                     for _ in range(size)])
+        self.engine = Florence2Engine(load_model(str(model_dir), LoadOptions(device="cpu")))
+        self.image, self.settings = image, settings
+        self.batch(1)
+
+    def batch(self, size: int) -> None:
+        from florence2_serve.common.images import decode_image
+        from florence2_serve.common.tasks import Task
+        from florence2_serve.worker.inference import InferenceRequest
+
+        outcomes = self.engine.run_batch([InferenceRequest(decode_image(self.image), Task.OD, generation=self.settings)
+                                          for _ in range(size)])
         assert all(o.result is not None for o in outcomes)
 
-    times = []
-    for i in range(n + 5):
-        started = time.perf_counter()
-        batch(1)
-        if i >= 5:
-            times.append((time.perf_counter() - started) * 1000)
-    batch(batch_size)
-    rounds = max(4, (n // batch_size) // 2)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        batch(batch_size)
-    return times, rounds * batch_size / (time.perf_counter() - started)
-
-
-def sequential(address: str, image: bytes, settings, n: int) -> list[float]:
-    from florence2_serve.client.client import Florence2Client
-
-    times = []
-    with Florence2Client(address, timeout=60) as client:
-        for i in range(n + 5):
+    def latencies(self, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
             started = time.perf_counter()
-            client.detect(image, "tiny", "OD", max_new_tokens=settings.max_new_tokens,
-                          min_new_tokens=settings.min_new_tokens, num_beams=settings.num_beams)
-            if i >= 5:
-                times.append((time.perf_counter() - started) * 1000)
+            self.batch(1)
+            times.append((time.perf_counter() - started) * 1000)
+        return times
+
+    def rate(self, batch_size: int, jobs: int) -> float:
+        rounds = max(4, jobs // batch_size)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            self.batch(batch_size)
+        return rounds * batch_size / (time.perf_counter() - started)
+
+
+def sequential(client, image: bytes, settings, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        client.detect(image, "tiny", "OD", max_new_tokens=settings.max_new_tokens,
+                      min_new_tokens=settings.min_new_tokens, num_beams=settings.num_beams)
+        times.append((time.perf_counter() - started) * 1000)
     return times
 
 
@@ -122,7 +127,7 @@ def main() -> None:
     image = buffer.getvalue()
     settings = GenerationSettings(num_beams=args.beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
     OUT.mkdir(parents=True, exist_ok=True)
-    base_times, base_rate = in_process(model_dir, image, settings, args.requests, args.batch_size)
+    local = InProcess(model_dir, image, settings)
 
     valkey = ValkeyServer(port=None, save="", appendonly="no")
     valkey.start()
@@ -136,14 +141,25 @@ def main() -> None:
     try:
         address = f"127.0.0.1:{wait_for_port(OUT / 'service-front.log', front)}"
         wait_for_workers(valkey.connection_url, ["bench"])
-        times = sequential(address, image, settings, args.requests)
+        from florence2_serve.client.client import Florence2Client
+
+        base_times, times = [], []
+        with Florence2Client(address, timeout=60) as client:
+            sequential(client, image, settings, 5)  # warm-up
+            for _ in range(max(1, args.requests // 20)):
+                base_times += local.latencies(20)
+                times += sequential(client, image, settings, 20)
         import redis
 
         connection = redis.Redis.from_url(valkey.connection_url)
+        jobs = max(256, 4 * args.clients)
+        base_rates = [local.rate(args.batch_size, jobs)]
         asyncio.run(concurrent(address, image, settings, args.clients, args.clients))  # warm-up
         before = connection.hgetall("f2s:worker:bench")
-        rate = asyncio.run(concurrent(address, image, settings, args.clients, max(256, 4 * args.clients)))
+        rate = asyncio.run(concurrent(address, image, settings, args.clients, jobs))
         after = connection.hgetall("f2s:worker:bench")
+        base_rates.append(local.rate(args.batch_size, jobs))
+        base_rate = statistics.mean(base_rates)
         mean_batch = ((int(after[b"jobs_done"]) - int(before[b"jobs_done"]))
                       / max(1, int(after[b"generate_calls"]) - int(before[b"generate_calls"])))
     finally:
@@ -155,7 +171,7 @@ def main() -> None:
                  "cpus": os.cpu_count(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
                  "new_tokens": args.new_tokens, "beams": args.beams, "torch_threads": args.torch_threads},
         "in_process": {"p50": percentile(base_times, 50), "p99": percentile(base_times, 99),
-                       "jobs_per_s": base_rate},
+                       "jobs_per_s": base_rate, "jobs_per_s_before_and_after": base_rates},
         "service": {"p50": percentile(times, 50), "p99": percentile(times, 99), "jobs_per_s": rate,
                     "mean_batch": mean_batch},
     }
@@ -167,7 +183,8 @@ def main() -> None:
     ip, sv = report["in_process"], report["service"]
     print("\n| | p50 ms | p99 ms | jobs/s (batch %d, %d clients) |" % (args.batch_size, args.clients))
     print("|---|---|---|---|")
-    print(f"| in-process | {ip['p50']:.2f} | {ip['p99']:.2f} | {ip['jobs_per_s']:.1f} |")
+    print(f"| in-process | {ip['p50']:.2f} | {ip['p99']:.2f} | {ip['jobs_per_s']:.1f} "
+          f"({base_rates[0]:.1f} before, {base_rates[1]:.1f} after) |")
     print(f"| service | {sv['p50']:.2f} | {sv['p99']:.2f} | {sv['jobs_per_s']:.1f} |")
     print(f"\nservice: added p50 {report['added_p50_ms']:.2f} ms, p99 {report['added_p99_ms']:.2f} ms; "
           f"throughput {100 * report['throughput_share']:.0f} % of in-process at batch {args.batch_size} "
