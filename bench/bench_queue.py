@@ -7,7 +7,8 @@ Runs an embedded valkey-server, `florence2 serve` and W `florence2 worker --kind
 client process (the Python asyncio client by default; `--client go` builds and uses a Go client
 when Go and its gRPC packages are installed). CPU per job is read from /proc/PID/stat of every
 process before and after the measured run. The last line reads
-`queue: N jobs/s, CPU ms/job front end F, worker W, redis R`.
+`queue: N jobs/s, CPU ms/job front end F, worker W, redis R` (W: all workers together; the line before
+gives each process, the client included).
 """
 
 from __future__ import annotations
@@ -379,9 +380,11 @@ def main() -> None:
         print(f"drain of {drained['jobs']} queued jobs at batch {args.batch_size}: {drained['jobs_per_s']:.0f} jobs/s, "
               f"CPU ms/job worker {drained['worker_cpu_ms_per_job']:.3f}, redis {drained['redis_cpu_ms_per_job_worker_side']:.3f} "
               f"(+ {drained['redis_cpu_ms_per_job_enqueue']:.3f} to enqueue)")
+    print("per process, CPU ms/job: " + ", ".join(f"{name} {per_job[name]:.3f}" for name in pids)
+          + f", client {client_cpu * 1000 / jobs:.3f}; p50 {report['p50_ms']:.1f} ms; "
+          f"mean batch {statistics.mean(batches.values()):.1f}")
     print(f"queue: {rate:.0f} jobs/s, CPU ms/job front end {per_job['front end']:.3f}, worker {worker_ms:.3f}, "
-          f"redis {per_job['redis']:.3f} (client {client_cpu * 1000 / jobs:.3f}, p50 {report['p50_ms']:.1f} ms, "
-          f"mean batch {statistics.mean(batches.values()):.1f})")
+          f"redis {per_job['redis']:.3f}")
 
 
 if __name__ == "__main__":
