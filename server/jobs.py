@@ -19,7 +19,7 @@ import redis
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
-from florence2_serve.common.rq_bridge import Enqueued, JobOptions, JobTemplates, QueueFull  # noqa: F401 - re-exported
+from florence2_serve.common.rq_bridge import Enqueued, JobOptions, JobTemplates
 
 from .events import RESYNC, EventHub, Watcher, format_event_id, parse_event_id
 from .redis_pipe import PipelinedRedis

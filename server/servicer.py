@@ -17,14 +17,15 @@ import grpc
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.generation import GenerationSettings
 from florence2_serve.common.images import ImageError, ImageLimits, probe_image
-from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
+from florence2_serve.common.redis_layout import Event, EventType, JobState
+from florence2_serve.common.rq_bridge import QueueFull
 from florence2_serve.common.tasks import SPECS, Input, Task, region_tokens, validate_inputs
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 from . import convert, metrics
 from .events import BadEventId
-from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, QueueFull, UnknownJob, new_job_id, new_record
+from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, UnknownJob, new_job_id, new_record
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import collections
 import itertools
-import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 
 import redis
 from rq import Queue, SimpleWorker
@@ -50,34 +48,11 @@ from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
 
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
+from .outcomes import Batch, Held, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Held:
-    """A job this worker has taken and not yet finished or requeued."""
-
-    job: TakenJob
-    taken_at: float = 0.0
-    cancel: threading.Event = field(default_factory=threading.Event)
-    request: InferenceRequest | None = None
-    running: bool = False
-    started_at: float = 0.0
-    limit: float = float("inf")  # stop generating at this time (deadline or job timeout)
-
-
-@dataclass
-class _Batch:
-    held: list[Held]
-    outcomes: list[InferenceOutcome]
-
-
-@dataclass
-class _Requeue:
-    jobs: list[TakenJob]
 
 
 class BatchWorker:
@@ -151,7 +126,7 @@ class BatchWorker:
             self._ready.clear()
             self._ready_changed.notify_all()
         if waiting:
-            self._finishing.put(_Requeue(waiting))
+            self._finishing.put(Requeue(waiting))
 
     @property
     def stopping(self) -> bool:
@@ -242,7 +217,7 @@ class BatchWorker:
         if not_run:
             self._finishing.put(not_run)
         if not accepting and ready:  # taken while stopping: straight back to the queue
-            self._finishing.put(_Requeue([held.job for held in ready]))
+            self._finishing.put(Requeue([held.job for held in ready]))
 
     def _prepare(self, held: Held) -> str | None:
         """Decode the job into an InferenceRequest on `held`, or say why it cannot run."""
@@ -288,7 +263,7 @@ class BatchWorker:
             self._last_batch_size = len(batch)
             runnable = self._start(batch)
             if runnable:
-                self._finishing.put(_Batch(runnable, self._run(runnable)))
+                self._finishing.put(Batch(runnable, self._run(runnable)))
             self._busy = False
 
     def _start(self, batch: list[Held]) -> list[Held]:
@@ -344,51 +319,15 @@ class BatchWorker:
             requeue: list[TakenJob] = []
             worked = 0.0
             for entry in items:
-                if isinstance(entry, _Batch):
-                    worked += self._ended(entry, ended, requeue)
-                elif isinstance(entry, _Requeue):
+                if isinstance(entry, Batch):
+                    worked += batch_endings(entry, self.settings.worker_id, self._now.is_set(), ended, requeue)
+                elif isinstance(entry, Requeue):
                     requeue.extend(entry.jobs)
                 elif entry:
                     ended.extend(entry)
             self._write(ended, requeue, worked)
             if stop:
                 return
-
-    def _ended(self, batch: _Batch, ended: list[Finished], requeue: list[TakenJob]) -> float:
-        finished_at = time.time()
-        worked = 0.0
-        for held, outcome in zip(batch.held, batch.outcomes, strict=True):
-            worked += finished_at - held.started_at
-            job = held.job
-            if outcome.result is not None and not outcome.cancelled:
-                result = outcome.result
-                result.worker_id = self.settings.worker_id
-                result.timings.queue_ms = max(0.0, (held.started_at - job.record.created) * 1000)
-                ended.append(Finished(job, "ok", JobState.SUCCEEDED.value, result_json=json.dumps(result.to_dict()),
-                                      started_at=held.taken_at))
-            elif outcome.cancelled:
-                if self._now.is_set() and not held.cancel.is_set():
-                    requeue.append(job)
-                else:
-                    ended.append(self._stopped(held, finished_at))
-            else:
-                ended.append(Finished(job, "failed", JobState.FAILED.value, outcome.error or "inference failed",
-                                      started_at=held.taken_at))
-        return worked
-
-    def _stopped(self, held: Held, now: float) -> Finished:
-        job, record = held.job, held.job.record
-        if held.cancel.is_set():
-            return Finished(job, "stopped", JobState.CANCELLED.value, "cancelled while running",
-                            started_at=held.taken_at)
-        if record.deadline is not None and now >= record.deadline:
-            return Finished(job, "failed", JobState.EXPIRED.value, "deadline exceeded while running; stopped",
-                            started_at=held.taken_at)
-        if record.run_timeout_s and now >= held.started_at + record.run_timeout_s:
-            return Finished(job, "failed", JobState.FAILED.value,
-                            f"ran longer than the job timeout of {record.run_timeout_s:g} s; stopped",
-                            started_at=held.taken_at)
-        return Finished(job, "failed", JobState.FAILED.value, "stopped", started_at=held.taken_at)
 
     def _write(self, ended: list[Finished], requeue: list[TakenJob], worked: float) -> None:
         settings = self.settings
