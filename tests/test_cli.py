@@ -168,4 +168,5 @@ def test_workers_and_redis_stop_when_up_is_killed(tiny_model_dir, tmp_path):
     wait_for(lambda: not subprocess.run(["pgrep", "-f", f"orphan={tiny_model_dir}"], capture_output=True).stdout,
              timeout=30, message="workers to exit after up was killed")
     wait_for(redis_gone, timeout=40, message="the embedded Redis to stop after up was killed")
-    assert not subprocess.run(["pgrep", "-f", f"embedded_redis --data-dir {tmp_path}"], capture_output=True).stdout
+    wait_for(lambda: not subprocess.run(["pgrep", "-f", f"embedded_redis --data-dir {tmp_path}"],
+                                        capture_output=True).stdout, timeout=15, message="the Redis keeper to exit")
