@@ -120,7 +120,7 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bind = address or settings.address
-    _check_free(bind)
+    check_free(bind)
     try:
         port = server.add_insecure_port(bind)
     except RuntimeError:
@@ -130,7 +130,7 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     return FrontEnd(server, port, store, health_servicer, settings), port
 
 
-def _check_free(address: str) -> None:
+def check_free(address: str) -> None:
     """AddressInUse before gRPC tries a busy port (gRPC would log its own multi-line complaint first)."""
     import socket
 

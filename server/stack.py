@@ -24,7 +24,7 @@ import redis
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.model_arg import parse_model_arg
 
-from .app import FrontEnd, check_redis, create_server
+from .app import AddressInUse, FrontEnd, check_free, check_redis, create_server
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,10 @@ class LocalStack:
     # -- start ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        try:  # a busy port is refused before anything is started
+            check_free(self.config.address)
+        except AddressInUse as exc:
+            raise StackError(str(exc)) from None
         if self.redis_url:
             try:
                 asyncio.run(check_redis(self.redis_url))

@@ -262,3 +262,20 @@ def test_engine_that_changes_the_batch_size_fails_the_batch_loudly(connection, s
     for job_id in ids:
         events = [Event.from_entry(i, f) for i, f in connection.xrange(layout.events_key(job_id))]
         assert events[-1].type is EventType.FAILED and "BatchSizeError" in events[-1].error
+
+
+def test_rq_sees_our_workers_and_queues(connection, submit):
+    from rq import Worker
+
+    worker = BatchWorker(connection, WorkerSettings(model_name=MODEL, model_path="noop", worker_id="seen-w"),
+                         FakeEngine(), {"kind": "noop"})
+    worker.register()
+    try:
+        submit()
+        (seen,) = Worker.all(connection=connection)
+        assert seen.name == "seen-w" and seen.get_state() == "idle"
+        assert set(seen.queue_names()) == set(layout.queue_names(MODEL))
+        assert [q.name for q in Queue.all(connection=connection)] == [layout.queue_name(MODEL)]
+    finally:
+        worker.presence.unregister()
+    assert Worker.all(connection=connection) == []

@@ -97,6 +97,7 @@ class Presence:
             self.rq_worker.register_birth()
         else:
             self.rq_worker.heartbeat()
+        self.rq_worker.set_state(self.state())  # what `rq info` shows
 
     def unregister(self) -> None:
         try:
