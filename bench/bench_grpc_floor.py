@@ -35,7 +35,7 @@ def serve() -> None:
             for event_type, state in ((1, 1), (2, 2), (3, 2), (4, 3)):
                 event = pb.JobEvent(event_id="1764065436000-0", job_id="0" * 32, type=event_type, state=state)
                 if event_type == 3:
-                    event.result.CopyFrom(pb.Result(task=pb.TASK_CAPTION, image_width=16, image_height=16))
+                    event.result.CopyFrom(pb.Result(task=pb.TASK_TYPE_CAPTION, image_width=16, image_height=16))
                 yield pb.RunResponse(event=event)
 
         async def Submit(self, request, context):

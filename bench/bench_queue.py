@@ -150,7 +150,7 @@ func main() {
 			for atomic.AddInt64(&left, -1) >= 0 {
 				t0 := time.Now()
 				stream, err := client.Run(context.Background(), &pb.RunRequest{Job: &pb.JobSpec{
-					Model: os.Args[2], Task: pb.Task_TASK_CAPTION, Image: image}})
+					Model: os.Args[2], Task: pb.TaskType_TASK_TYPE_CAPTION, Image: image}})
 				if err != nil { panic(err) }
 				var last *pb.RunResponse
 				for {

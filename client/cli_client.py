@@ -15,7 +15,7 @@ import grpc
 
 from florence2_serve.common.tasks import Task
 
-from .client import Florence2Client, JobFailed, event_to_dict, result_to_dict
+from .client import Florence2Client, JobFailed, error_info, event_to_dict, result_to_dict
 from .inputs import expand_inputs
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -30,7 +30,9 @@ def _fail(message: str, code: int = 1):
 
 
 def _rpc_error(exc: grpc.RpcError) -> str:
-    return f"{exc.code().name}: {exc.details()}"
+    info = error_info(exc)
+    reason = f" [{info.reason}]" if info is not None else ""
+    return f"{exc.code().name}{reason}: {exc.details()}"
 
 
 def _call(server: str, token: str, call, timeout: float | None = 10):
@@ -134,7 +136,7 @@ def _detect_all(client, files, model, task, text, region, max_new_tokens, num_be
                                    max_new_tokens=max_new_tokens, num_beams=num_beams)
             return path, data, result_to_dict(result), None
         except JobFailed as exc:
-            return path, data, None, f"{exc.state}: {exc.error}"
+            return path, data, None, f"{exc.state} [{exc.reason}]: {exc.error}"
         except grpc.RpcError as exc:
             return path, data, None, _rpc_error(exc)
 

@@ -10,18 +10,34 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from florence2_serve.common.proto_enums import TASK_PREFIX, TERMINAL_EVENT_TYPES, state_name, task_to_proto
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
-TERMINAL = (pb.EVENT_TYPE_DONE, pb.EVENT_TYPE_FAILED, pb.EVENT_TYPE_CANCELLED)
+TERMINAL = TERMINAL_EVENT_TYPES
 
 
 class JobFailed(RuntimeError):
-    def __init__(self, job_id: str, state: str, error: str):
+    """The job ended FAILED, CANCELLED or EXPIRED; `reason` is its JobError's stable reason."""
+
+    def __init__(self, job_id: str, state: str, error: str, reason: str = ""):
         super().__init__(f"job {job_id} {state}: {error}")
-        self.job_id, self.state, self.error = job_id, state, error
+        self.job_id, self.state, self.error, self.reason = job_id, state, error, reason
+
+
+def error_info(exc: grpc.RpcError):
+    """The google.rpc.ErrorInfo of a failed call (its stable `reason`), or None."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
 
 
 def job_spec(image: bytes, model: str, task: Task | str = Task.OD, text: str = "",
@@ -29,7 +45,7 @@ def job_spec(image: bytes, model: str, task: Task | str = Task.OD, text: str = "
              priority: int = 0, num_beams: int = 0, max_new_tokens: int = 0, min_new_tokens: int = 0) -> pb.JobSpec:
     task = task if isinstance(task, Task) else Task.parse(task)
     spec = pb.JobSpec(
-        model=model, task=pb.Task.Value(f"TASK_{task.name}"), image=image, text=text,
+        model=model, task=task_to_proto(task), image=image, text=text,
         request_id=request_id if request_id is not None else uuid.uuid4().hex, priority=priority,
         generation=pb.GenerationOptions(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                         min_new_tokens=min_new_tokens),
@@ -42,7 +58,7 @@ def job_spec(image: bytes, model: str, task: Task | str = Task.OD, text: str = "
 def result_to_dict(result: pb.Result) -> dict:
     """A Result as plain JSON-friendly data (enum names, all fields present)."""
     data = MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    data["task"] = data["task"].removeprefix("TASK_")
+    data["task"] = data["task"].removeprefix(TASK_PREFIX)
     return data
 
 
@@ -74,8 +90,8 @@ def _outcome(event: pb.JobEvent) -> pb.Result | None:
     """
     if event.type == pb.EVENT_TYPE_RESULT:
         return event.result
-    if event.type in (pb.EVENT_TYPE_FAILED, pb.EVENT_TYPE_CANCELLED):
-        raise JobFailed(event.job_id, pb.JobState.Name(event.state), event.error)
+    if event.type in TERMINAL and event.type != pb.EVENT_TYPE_DONE:
+        raise JobFailed(event.job_id, state_name(event.state), event.error.message, event.error.reason)
     return None
 
 

@@ -34,11 +34,13 @@ def draw_result(image: Image.Image, result: dict) -> Image.Image:
         text = box.get("label", "") + (f" {box['score']:.2f}" if box.get("score") is not None else "")
         label_at(box["x1"], box["y1"], text, fill)
     for polygon in result.get("polygons", []):
-        points = list(zip(polygon["points"][0::2], polygon["points"][1::2]))
-        if len(points) >= 3:
-            fill = color(polygon.get("label", ""))
+        fill = color(polygon.get("label", ""))
+        rings = [list(zip(ring["points"][0::2], ring["points"][1::2])) for ring in polygon.get("rings", [])]
+        rings = [points for points in rings if len(points) >= 3]
+        for points in rings:
             draw.polygon(points, outline=fill, width=width)
-            label_at(points[0][0], points[0][1], polygon.get("label", ""), fill)
+        if rings:
+            label_at(rings[0][0][0], rings[0][0][1], polygon.get("label", ""), fill)
     for quad in result.get("ocr", []):
         points = list(zip(quad["points"][0::2], quad["points"][1::2]))
         fill = color("ocr")

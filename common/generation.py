@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import asdict, dataclass
+
+MAX_NUM_BEAMS = 16
+MAX_REPETITION_PENALTY = 10.0
+
+
+class GenerationError(ValueError):
+    """An option out of range; `field` names it (as GenerationOptions does)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -16,14 +28,18 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
 
     def __post_init__(self):
-        if not 1 <= self.num_beams <= 16:
-            raise ValueError(f"num_beams must be between 1 and 16, got {self.num_beams}")
+        if not 1 <= self.num_beams <= MAX_NUM_BEAMS:
+            raise GenerationError("num_beams", f"num_beams must be between 1 and {MAX_NUM_BEAMS}, got {self.num_beams}")
         if not 1 <= self.max_new_tokens <= 4096:
-            raise ValueError(f"max_new_tokens must be between 1 and 4096, got {self.max_new_tokens}")
+            raise GenerationError("max_new_tokens",
+                                  f"max_new_tokens must be between 1 and 4096, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError("min_new_tokens must be between 0 and max_new_tokens")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be positive")
+            raise GenerationError("min_new_tokens", f"min_new_tokens must be between 0 and max_new_tokens "
+                                  f"({self.max_new_tokens}), got {self.min_new_tokens}")
+        penalty = self.repetition_penalty
+        if not (math.isfinite(penalty) and 0 < penalty <= MAX_REPETITION_PENALTY):
+            raise GenerationError("repetition_penalty", f"repetition_penalty must be a finite number in "
+                                  f"(0, {MAX_REPETITION_PENALTY:g}], got {penalty!r}")
 
     def generate_kwargs(self) -> dict:
         kwargs = {"num_beams": self.num_beams, "max_new_tokens": self.max_new_tokens, "do_sample": False}

@@ -7,7 +7,6 @@ configured pixel limit; anything else is an ImageError that says what is wrong.
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -19,10 +18,20 @@ DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 
 # Truncated files are errors, never silently half-decoded.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The pixel limit is ours (ImageLimits.max_pixels), checked from the header right after opening;
+# Pillow's own bomb check would refuse first, with its own number, for images past twice its default.
+Image.MAX_IMAGE_PIXELS = None
 
 
 class ImageError(ValueError):
-    """The bytes are not an acceptable image; the message says why."""
+    """The bytes are not an acceptable image; the message says why (never Pillow's own text).
+
+    `too_large` tells an image over a size limit from one that cannot be read.
+    """
+
+    def __init__(self, message: str, too_large: bool = False):
+        super().__init__(message)
+        self.too_large = too_large
 
 
 @dataclass(frozen=True)
@@ -42,15 +51,13 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if not data:
         raise ImageError("image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes")
+        raise ImageError(f"image is {len(data)} bytes, over the limit of {limits.max_bytes} bytes", too_large=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-        raise ImageError(f"not a readable image: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt headers
-        raise ImageError(f"not a readable image: {exc}") from None
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not a readable image: the bytes are not in any accepted image format") from None
+    except Exception:  # noqa: BLE001 - Pillow raises many types for corrupt headers
+        raise ImageError("not a readable image: its header is corrupt") from None
     if image.format not in ALLOWED_FORMATS:
         raise ImageError(
             f"image format {image.format} is not accepted; use JPEG, PNG, WebP, BMP, GIF or TIFF"
@@ -62,9 +69,14 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     if width * height > limits.max_pixels:
         raise ImageError(
             f"image is {width}x{height} = {width * height} pixels, over the limit of "
-            f"{limits.max_pixels} pixels"
-        )
+            f"{limits.max_pixels} pixels", too_large=True)
     return image
+
+
+def header_pixels(data: bytes, limits: ImageLimits = ImageLimits()) -> int:
+    """Width x height from the header alone (format and limits checked; no pixel decoded)."""
+    width, height = _open(data, limits).size
+    return width * height
 
 
 def probe_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo:
@@ -81,8 +93,8 @@ def probe_image(data: bytes, limits: ImageLimits = ImageLimits()) -> ImageInfo:
     try:
         image.seek(0)
         image.load()
-    except Exception as exc:  # noqa: BLE001
-        raise ImageError(f"image data is corrupt or truncated ({source_format}): {exc}") from None
+    except Exception:  # noqa: BLE001
+        raise ImageError(f"image data is corrupt or truncated ({source_format})") from None
     try:
         orientation = image.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001
@@ -121,8 +133,8 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     try:
         image.seek(0)  # first frame of animations
         image.load()
-    except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
-        raise ImageError(f"image data is corrupt or truncated ({source_format}): {exc}") from None
+    except Exception:  # noqa: BLE001 - truncated or corrupt pixel data
+        raise ImageError(f"image data is corrupt or truncated ({source_format})") from None
     if source_format in EXIF_FORMATS or "exif" in image.info:  # a PNG's eXIf chunk lands in info
         try:
             image = ImageOps.exif_transpose(image)

@@ -7,7 +7,9 @@ and rq's bookkeeping change together.
 
   f2s:job:{id}            hash   the request (ids and options only), its rq queue and its state
   f2s:image:{id}          string the encoded image bytes, until the job ends
-  f2s:events:{id}         stream QUEUED, STARTED, RESULT, DONE | FAILED | CANCELLED
+  f2s:events:{id}         stream QUEUED, STARTED, RESULT, DONE | FAILED | CANCELLED | EXPIRED; a
+                                 result is a serialized florence2.v1.Result (base64), an error a
+                                 JobError (common/errors.py, JSON)
   f2s:cancel:{id}         string set by CancelJob for a job a worker has taken
   f2s:request:{rid}       string request_id -> "job_id fingerprint" (idempotent Submit)
   f2s:notify              pubsub every event as it is written: [job_id, event_id, type, state,
@@ -16,12 +18,14 @@ and rq's bookkeeping change together.
   f2s:worker:{wid}        hash   a live worker's description (expires unless heartbeated)
   f2s:model-workers:{m}   set    worker ids that served model m
   f2s:models              set    every model name a worker registered
+  f2s:tokenizer:{digest}  string a worker's tokenizer (tokenizers JSON): the front end counts text tokens
   rq:queue:florence2:{m}        rq's queue of model m at priority 0
   rq:queue:florence2:{m}:p{N}   ... at priority N (1-9); workers drain the highest first
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import time
@@ -58,10 +62,11 @@ class EventType(str, Enum):
     DONE = "DONE"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    EXPIRED = "EXPIRED"
 
     @property
     def terminal(self) -> bool:
-        return self in (EventType.DONE, EventType.FAILED, EventType.CANCELLED)
+        return self in (EventType.DONE, EventType.FAILED, EventType.CANCELLED, EventType.EXPIRED)
 
 
 def job_key(job_id: str) -> str:
@@ -93,6 +98,19 @@ def model_workers_key(model: str) -> str:
 
 
 MODELS_KEY = f"{PREFIX}:models"
+
+
+def tokenizer_key(digest: str) -> str:
+    return f"{PREFIX}:tokenizer:{digest}"
+
+
+def encode_result(serialized: bytes) -> str:
+    """A serialized florence2.v1.Result as event fields carry it (text: notifications are JSON)."""
+    return base64.b64encode(serialized).decode()
+
+
+def decode_result(text: str | bytes) -> bytes:
+    return base64.b64decode(text)
 
 
 def wake_key(model: str) -> str:
@@ -193,15 +211,15 @@ def _s(value) -> str:
 class Event:
     type: EventType
     state: JobState
-    result: dict | None = None
-    error: str = ""
+    result: bytes | None = None  # a serialized florence2.v1.Result
+    error: str = ""  # an encoded JobError (common/errors.py)
     time: float = field(default_factory=time.time)
     event_id: str = ""
 
     def to_fields(self) -> dict[str, str]:
         fields = {"type": self.type.value, "state": self.state.value, "time": repr(self.time)}
         if self.result is not None:
-            fields["result"] = json.dumps(self.result)
+            fields["result"] = encode_result(self.result)
         if self.error:
             fields["error"] = self.error
         return fields
@@ -211,7 +229,7 @@ class Event:
         fields = {_s(k): _s(v) for k, v in fields.items()}
         return cls(
             type=EventType(fields["type"]), state=JobState(fields["state"]),
-            result=json.loads(fields["result"]) if "result" in fields else None,
+            result=decode_result(fields["result"]) if "result" in fields else None,
             error=fields.get("error", ""), time=float(fields.get("time", 0)), event_id=_s(event_id),
         )
 
@@ -223,5 +241,5 @@ def notification_events(payload: bytes | str, wanted) -> Iterator[tuple[str, Eve
         if flat[i] not in wanted:
             continue
         job_id, event_id, etype, state, when, error, result = flat[i:i + EVENT_FIELDS]
-        yield job_id, Event(type=EventType(etype), state=JobState(state), result=json.loads(result) if result else None,
+        yield job_id, Event(type=EventType(etype), state=JobState(state), result=decode_result(result) if result else None,
                             error=error, time=float(when), event_id=event_id)

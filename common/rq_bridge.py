@@ -52,6 +52,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
 from . import redis_layout as layout
+from .errors import JobError
 
 RQ_VERSION_WRITTEN_AGAINST = (3, 0)
 QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix  # "rq:queue:"
@@ -282,9 +283,16 @@ class Finished:
     job: TakenJob
     outcome: str
     state: str = ""
-    error: str = ""
-    result_json: str = ""
+    error: JobError | None = None
+    result: object = None  # florence2.v1.Result of a job that ended ok
     started_at: float = 0.0
+
+    def script_fields(self) -> list:
+        """The 6 per-job fields after (id, queue key, execution id) that PROGRESS takes."""
+        result = layout.encode_result(self.result.SerializeToString()) if self.result is not None else ""
+        error = self.error.encode() if self.error else ""
+        exc = encode_exc_string(self.error.message) if self.error and self.outcome in ("failed", "stopped") else ""
+        return [self.outcome, self.state, error, result, self.started_at, exc]
 
 
 def progress(connection: redis.Redis, ended: list[Finished], *, ttl: int, worker_name: str, worker_id: str,
@@ -301,20 +309,23 @@ def progress(connection: redis.Redis, ended: list[Finished], *, ttl: int, worker
         if item.outcome == "started":
             continue
         job = item.job
-        args += [job.job_id, job.queue_key, job.execution_id, item.outcome, item.state, item.error,
-                 item.result_json, repr(item.started_at or clock.ts),
-                 encode_exc_string(item.error) if item.outcome in ("failed", "stopped") else ""]
+        outcome, state, error, result, started_at, exc = item.script_fields()
+        args += [job.job_id, job.queue_key, job.execution_id, outcome, state, error, result,
+                 repr(started_at or clock.ts), exc]
     run_script(connection, "progress", args)
 
 
+REQUEUED_WORKER_STOPPED = JobError("WORKER_STOPPED", "back in the queue: the worker that had taken it stopped")
+
+
 def requeue(connection: redis.Redis, jobs: list[TakenJob], *, model: str, ttl: int, worker_name: str,
-            reason: str = "back in the queue: the worker that had taken it stopped") -> int:
+            reason: JobError = REQUEUED_WORKER_STOPPED) -> int:
     """Put taken jobs back at the front of their queues (their QUEUED event says `reason`)."""
     if not jobs:
         return 0
     clock = Clock()
     return int(run_script(connection, "requeue", [ttl, repr(clock.ts), worker_name, clock.iso, layout.wake_key(model),
-                                                reason, *_job_triples(jobs)]))
+                                                reason.encode(), *_job_triples(jobs)]))
 
 
 def heartbeat(connection: redis.Redis, jobs: list[TakenJob], *, ttl: int) -> None:
@@ -331,10 +342,10 @@ async def cancel(connection, job_id: str, *, ttl: int) -> tuple[str, bool]:
     return _text(state), bool(int(acted))
 
 
-def append_event(connection: redis.Redis, job_id: str, event_type: str, state: str, error: str, ttl: int) -> bool:
+def append_event(connection: redis.Redis, job_id: str, event_type: str, state: str, error: JobError, ttl: int) -> bool:
     """Append an event to a job that has not ended; False when it had ended (or is gone)."""
     clock = Clock()
-    return bool(run_script(connection, "append", [job_id, event_type, state, repr(clock.ts), error, ttl]))
+    return bool(run_script(connection, "append", [job_id, event_type, state, repr(clock.ts), error.encode(), ttl]))
 
 
 def _text(value) -> str:

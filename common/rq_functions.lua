@@ -16,7 +16,8 @@ end
 
 -- ---- this service's own keys (layout: common/redis_layout.py) ------------------------------
 
--- Append an event to the job's stream and to this call's notification.
+-- Append an event to the job's stream and to this call's notification. `err` is an encoded JobError
+-- (common/errors.py: JSON with reason and message), `result` a base64 florence2.v1.Result.
 local function append(id, etype, state, time, err, result)
   local fields = {'type', etype, 'state', state, 'time', time}
   if result ~= '' then fields[#fields + 1] = 'result'; fields[#fields + 1] = result end
@@ -226,10 +227,11 @@ local function take_body(ARGV)
         elseif TERMINAL[state] then
           rq_failed(id, qname, exec, worker, 'failed', '', iso, now, ts, ts, ttl)
         elseif redis.call('EXISTS', F2S .. ':cancel:' .. id) == 1 then
-          finish_event(id, 'CANCELLED', 'CANCELLED', time, 'cancelled before it ran', ttl)
+          finish_event(id, 'CANCELLED', 'CANCELLED', time, '{"reason":"CANCELLED","message":"cancelled before it ran"}', ttl)
           rq_failed(id, qname, exec, worker, 'stopped', '', iso, now, ts, ts, ttl)
         elseif deadline and tonumber(deadline) <= tonumber(ts) then
-          finish_event(id, 'FAILED', 'EXPIRED', time, 'deadline passed before the job ran; it was not run', ttl)
+          finish_event(id, 'EXPIRED', 'EXPIRED', time,
+            '{"reason":"DEADLINE_EXCEEDED","message":"deadline passed before the job ran; it was not run"}', ttl)
           rq_failed(id, qname, exec, worker, 'failed', exc_expired, iso, now, ts, ts, ttl)
         else
           out[#out + 1] = {qkey, id, exec, spec, redis.call('GET', F2S .. ':image:' .. id) or ''}
@@ -286,7 +288,7 @@ local function progress_body(ARGV)
       elseif state == 'CANCELLED' then
         finish_event(id, 'CANCELLED', 'CANCELLED', time, err, ttl)
       else
-        finish_event(id, 'FAILED', state, time, err, ttl)
+        finish_event(id, state == 'EXPIRED' and 'EXPIRED' or 'FAILED', state, time, err, ttl)
       end
     end
     if outcome == 'ok' then
@@ -369,7 +371,7 @@ local function cancel_body(ARGV)
   local qkey = redis.call('HGET', F2S .. ':job:' .. id, 'queue')
   if qkey and redis.call('LREM', qkey, 0, id) > 0 then
     rq_canceled(id, qkey, string.sub(qkey, #RQ_QUEUE + 1), now)
-    finish_event(id, 'CANCELLED', 'CANCELLED', time, 'cancelled while queued', ttl)
+    finish_event(id, 'CANCELLED', 'CANCELLED', time, '{"reason":"CANCELLED","message":"cancelled while queued"}', ttl)
     publish()
     return {'CANCELLED', 1}
   end

@@ -16,7 +16,11 @@ from grpc_reflection.v1alpha import reflection
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .jobs import JobStore
+from florence2_serve.common.errors import Reason
+
+from . import reflection_v1
+from .errors import ServiceError
+from .jobs import REDIS_ERRORS, JobStore
 from .servicer import Florence2Servicer
 from .settings import ServerSettings
 
@@ -33,7 +37,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         self.expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid token (authorization: Bearer …)")
+            await ServiceError(grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED,
+                               "missing or invalid token (authorization: Bearer …)").abort(context)
 
         self.deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self.deny_stream = grpc.unary_stream_rpc_method_handler(deny)
@@ -57,6 +62,7 @@ class FrontEnd:
         self.server, self.port, self.store = server, port, store
         self.health_servicer, self.settings = health_servicer, settings
         self._health_task: asyncio.Task | None = None
+        self._model_names: set[str] = set()
 
     async def start(self) -> None:
         if self.settings.metrics_port:
@@ -74,10 +80,24 @@ class FrontEnd:
         log.info("front end listening on port %d (redis %s)", self.port, self.settings.redis_url)
 
     async def _update_health(self) -> None:
+        """The server and service names follow Redis; each model name follows its live workers."""
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
         ok = await self.store.ping()
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = serving if ok else not_serving
         await self.health_servicer.set("", status)
         await self.health_servicer.set(SERVICE_NAME, status)
+        if not ok:
+            for name in self._model_names:
+                await self.health_servicer.set(name, not_serving)
+            return
+        try:
+            names = await self.store.models()
+            for name in names:
+                live = bool(await self.store.live_workers(name))
+                await self.health_servicer.set(name, serving if live else not_serving)
+            self._model_names = set(names)
+        except REDIS_ERRORS:
+            pass  # the next round sees Redis down
 
     async def _health_loop(self) -> None:
         while True:
@@ -118,7 +138,9 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     pb_grpc.add_Florence2ServiceServicer_to_server(Florence2Servicer(settings, store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.SERVICE_NAME)
+    reflection.enable_server_reflection(reflected, server)
+    reflection_v1.enable(server, reflected)
     bind = address or settings.address
     check_free(bind)
     try:

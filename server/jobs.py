@@ -21,6 +21,7 @@ from florence2_serve.common import rq_bridge
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
 from florence2_serve.common.rq_bridge import Enqueued, JobOptions, JobTemplates
 
+from .capabilities import ModelCapabilities, TokenCounter
 from .events import RESYNC, EventHub, Watcher, format_event_id, parse_event_id
 from .redis_pipe import PipelinedRedis
 from .settings import ServerSettings
@@ -29,7 +30,11 @@ REDIS_ERRORS = (redis.RedisError, OSError)
 
 
 class NoWorker(Exception):
-    """The model is unknown, or no live worker serves it; the message says which and what to do."""
+    """No live worker serves the model; the message says what to do. `known`: workers once served it."""
+
+    def __init__(self, message: str, known: bool):
+        super().__init__(message)
+        self.known = known
 
 
 class UnknownJob(Exception):
@@ -54,11 +59,12 @@ class JobStore:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self._live_until: dict[str, float] = {}
-        self._kinds: dict[str, set[str]] = {}
+        self._capabilities: dict[str, ModelCapabilities] = {}
         self.redis = PipelinedRedis(settings.redis_url)
         self.hub = EventHub(settings.redis_url, check_s=settings.watch_check_s)
         self.templates = JobTemplates(JobOptions(
             timeout=settings.job_timeout_s, ttl=settings.result_ttl_s, max_retries=settings.max_retries))
+        self.tokens = TokenCounter(lambda digest: self.redis.execute("GET", layout.tokenizer_key(digest)))
 
     async def start(self) -> None:
         await self.hub.start()
@@ -96,19 +102,32 @@ class JobStore:
     async def queue_depth(self, model: str) -> int:
         return sum(await asyncio.gather(*[self.redis.execute("LLEN", key) for key in layout.rq_queue_keys(model)]))
 
-    async def check_model(self, model: str) -> set[str]:
-        """Raise NoWorker unless `model` has a live worker; the kinds its workers serve."""
+    async def check_model(self, model: str) -> ModelCapabilities:
+        """What `model` can do, from its live workers; NoWorker when it has none."""
         if self._live_until.get(model, 0.0) <= time.monotonic():
             workers = await self.live_workers(model)
             if not workers:
                 known = await self.models()
                 if model not in known:
-                    raise NoWorker(f"unknown model {model!r}; models with workers: {', '.join(known) or 'none'}")
+                    shown = ", ".join(known[:20]) + (", …" if len(known) > 20 else "")
+                    raise NoWorker(f"unknown model {model!r}; models with workers: {shown or 'none'}", known=False)
                 raise NoWorker(
-                    f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH")
-            self._kinds[model] = {view.fields.get("kind", "") for view in workers}
+                    f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH",
+                    known=True)
+            self._capabilities[model] = ModelCapabilities.of_workers([view.fields for view in workers])
             self._live_until[model] = time.monotonic() + self.LIVENESS_CACHE_S
-        return self._kinds.get(model, set())
+        return self._capabilities[model]
+
+    async def count_tokens(self, text: str, model: ModelCapabilities) -> int:
+        return await self.tokens.count(text, model.tokenizer)
+
+    async def find_request(self, request_id: str) -> tuple[str, str] | None:
+        """(job id, payload fingerprint) of the job submitted with `request_id`, or None."""
+        found = await self.redis.execute("GET", layout.request_key(request_id))
+        if not found:
+            return None
+        job_id, _, fingerprint = found.decode().partition(" ")
+        return job_id, fingerprint
 
     # -- jobs -----------------------------------------------------------------------------------
 
@@ -125,17 +144,21 @@ class JobStore:
             self.redis, record, image, fingerprint, ttl=self.settings.result_ttl_s,
             max_depth=self.settings.max_queue_depth, templates=self.templates, priority=priority)
 
-    async def get(self, job_id: str) -> tuple[JobRecord, dict | None]:
+    async def get(self, job_id: str) -> tuple[JobRecord, bytes | None]:
         flat = await self.redis.execute("HGETALL", layout.job_key(job_id))
         if not flat:
             raise UnknownJob(_unknown(job_id, self.settings.result_ttl_s))
         record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2])))
-        result = None
-        if record.state == JobState.SUCCEEDED.value:
-            for event in await self._read(job_id, "-"):
-                if event.type is EventType.RESULT:
-                    result = event.result
+        result = await self.result_of(job_id) if record.state == JobState.SUCCEEDED.value else None
         return record, result
+
+    async def result_of(self, job_id: str) -> bytes | None:
+        """The serialized Result of a job that succeeded (None if it has none, or is gone)."""
+        result = None
+        for event in await self._read(job_id, "-"):
+            if event.type is EventType.RESULT:
+                result = event.result
+        return result
 
     async def _read(self, job_id: str, start: str) -> list[Event]:
         entries = await self.redis.execute("XRANGE", layout.events_key(job_id), start, "+")

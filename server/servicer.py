@@ -1,12 +1,12 @@
 """The florence2.v1.Florence2Service implementation (grpc.aio): validation and status codes.
 
-Every RPC maps Redis trouble to UNAVAILABLE with a plain message (retry with backoff) and any
-other unexpected error to INTERNAL; no library exception text reaches a client.
+Every failed call carries the rich error model (server/errors.py): Redis trouble is UNAVAILABLE
+(STORE_UNAVAILABLE, with RetryInfo), any other unexpected error INTERNAL; no library exception
+text reaches a client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import hashlib
 import logging
@@ -14,29 +14,23 @@ import time
 
 import grpc
 
-from florence2_serve.common import redis_layout as layout
-from florence2_serve.common.generation import GenerationSettings
-from florence2_serve.common.images import ImageError, ImageLimits, probe_image
+from florence2_serve.common.errors import Reason
+from florence2_serve.common.images import ImageLimits
+from florence2_serve.common.proto_enums import state_to_proto, task_to_proto
 from florence2_serve.common.redis_layout import Event, EventType, JobState
 from florence2_serve.common.rq_bridge import QueueFull
-from florence2_serve.common.tasks import SPECS, Input, Task, region_tokens, validate_inputs
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from . import convert, metrics
+from . import convert, metrics, validation
+from .capabilities import ModelCapabilities
+from .errors import ServiceError, internal, not_found, store_unavailable, unavailable
 from .events import BadEventId
+from .image_gate import ImageGate
 from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, UnknownJob, new_job_id, new_record
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-REDIS_DOWN = "the job store (Redis) is unreachable; retry with backoff"
-INTERNAL = "internal error in the front end (logged there)"
-# Images up to this size are checked on the event loop; bigger ones in a thread.
-INLINE_IMAGE_CHECK_BYTES = 256 * 1024
-# Kinds of worker that serve Florence-2 tasks, DETECT, or both.
-FLORENCE2_KINDS = {"native", "remote", "noop"}
-DETECT_KINDS = {"yolo", "noop"}
 
 
 def _guarded_unary(method):
@@ -46,11 +40,13 @@ def _guarded_unary(method):
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
+        except ServiceError as exc:
+            await exc.abort(context)
         except REDIS_ERRORS:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, REDIS_DOWN)
+            await store_unavailable().abort(context)
         except Exception:  # noqa: BLE001 - never leak library text to a client
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL)
+            await internal().abort(context)
     return wrapper
 
 
@@ -62,95 +58,88 @@ def _guarded_stream(method):
                 yield message
         except grpc.aio.AbortError:
             raise
+        except ServiceError as exc:
+            await exc.abort(context)
         except REDIS_ERRORS:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, REDIS_DOWN)
+            await store_unavailable().abort(context)
         except Exception:  # noqa: BLE001
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL)
+            await internal().abort(context)
     return wrapper
+
+
+def _reused(request_id: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.ALREADY_EXISTS, Reason.REQUEST_ID_REUSED,
+        f"request_id {validation.quote(request_id)} was already used for a different request (another task, "
+        "text, region, options or image); use a new request_id for a new request",
+        violations=[("job.request_id", "already used with a different payload")])
+
+
+def _no_worker(exc: NoWorker) -> ServiceError:
+    reason = Reason.NO_LIVE_WORKER if exc.known else Reason.UNKNOWN_MODEL
+    return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, reason, str(exc))
 
 
 class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
     def __init__(self, settings: ServerSettings, store: JobStore):
         self.settings = settings
         self.store = store
-        self.limits = ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+        self.images = ImageGate(ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes),
+                                settings.image_check_pixels)
 
-    # -- validation -------------------------------------------------------------------------
+    def limits(self) -> pb.ServiceLimits:
+        s = self.settings
+        return pb.ServiceLimits(
+            max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
+            max_message_bytes=s.max_message_bytes, max_request_id_length=validation.MAX_REQUEST_ID,
+            max_model_name_length=validation.MAX_MODEL_NAME, max_num_beams=validation.MAX_NUM_BEAMS,
+            max_priority=validation.MAX_PRIORITY)
 
-    async def _validated(self, spec: pb.JobSpec, context) -> tuple[Task, dict, list | None, float | None]:
-        """(task, generation options, region, job timeout in seconds or None), or abort."""
-        if not spec.model:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model is required (see ListModels)")
-        timeout_s = None
+    # -- submission ------------------------------------------------------------------------------
+
+    async def _existing(self, spec: pb.JobSpec) -> str | None:
+        """AIP-155: a known request_id returns its job before anything else is checked (or is refused
+        when its payload differs): a retry needs neither a live worker nor, again, the image."""
+        if not spec.request_id:
+            return None
+        validation.check_request_id(spec.request_id)
+        found = await self.store.find_request(spec.request_id)
+        if found is None:
+            return None
+        job_id, fingerprint = found
+        if not _same_payload(spec, fingerprint):
+            raise _reused(spec.request_id)
+        return job_id
+
+    async def _capabilities(self, spec: pb.JobSpec) -> ModelCapabilities:
         try:
-            task = convert.task_from_proto(spec.task)
-            region = None
-            if spec.HasField("region"):
-                region = [spec.region.x1, spec.region.y1, spec.region.x2, spec.region.y2]
-            validate_inputs(task, spec.text, tuple(region) if region else None)
-            generation = convert.generation_from_proto(spec.generation)
-            GenerationSettings.from_options(generation)
-            layout.check_priority(spec.priority)
-            if spec.HasField("timeout"):
-                timeout_s = spec.timeout.ToTimedelta().total_seconds()
-                if timeout_s <= 0:
-                    raise ValueError(f"timeout must be positive, got {timeout_s:g} s")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if len(spec.image) > self.settings.max_image_bytes:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"image is {len(spec.image)} bytes, over the limit of {self.settings.max_image_bytes} bytes",
-            )
-        if SPECS[task].input is not Input.REGION:
-            region = None
-        return task, generation, region, timeout_s
-
-    def _inspect(self, spec: pb.JobSpec, region: list[float] | None) -> str:
-        """The request's digest; ImageError/ValueError when the image (or the region on it) is not acceptable."""
-        info = probe_image(spec.image, self.limits)
-        if region is not None:
-            region_tokens(tuple(region), (info.width, info.height))
-        return _fingerprint(spec)
+            return await self.store.check_model(spec.model)
+        except NoWorker as exc:
+            raise _no_worker(exc) from None
 
     async def _submit(self, spec: pb.JobSpec, context, call_deadline: bool, job_id: str | None = None):
         """Validate and enqueue: the rq_bridge.Enqueued outcome and the record."""
-        task, generation, region, timeout_s = await self._validated(spec, context)
-        try:
-            kinds = await self.store.check_model(spec.model)
-        except NoWorker as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        if task is Task.DETECT and not kinds & DETECT_KINDS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"task DETECT needs a YOLOv8 worker; model {spec.model!r} is served by Florence-2 workers",
-            )
-        if task is not Task.DETECT and not kinds & FLORENCE2_KINDS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"model {spec.model!r} is YOLOv8, which serves task DETECT only; {task.name} needs Florence-2",
-            )
-        try:
-            if len(spec.image) <= INLINE_IMAGE_CHECK_BYTES:
-                fingerprint = self._inspect(spec, region)
-            else:
-                fingerprint = await asyncio.to_thread(self._inspect, spec, region)
-        except ImageError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad image: {exc}")
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        checked = validation.check_spec(spec, self.settings.max_image_bytes)
+        model = await self._capabilities(spec)
+        validation.check_for_model(spec, checked, model)
+        if spec.text:
+            validation.check_text_tokens(spec, await self.store.count_tokens(spec.text, model), model)
+        await self.images.check(spec.image, checked.region)
         now = time.time()
-        deadlines = [now + timeout_s] if timeout_s else []
+        deadlines = [now + checked.timeout_s] if checked.timeout_s else []
         remaining = context.time_remaining() if call_deadline else None
         if remaining is not None:
             deadlines.append(now + remaining)
-        record = new_record(spec.model, task.value, spec.text, region, generation, spec.request_id,
-                            spec.priority, min(deadlines) if deadlines else None, self.settings.job_timeout_s, job_id)
+        record = new_record(spec.model, checked.task.value, spec.text, checked.region, checked.generation,
+                            spec.request_id, spec.priority, min(deadlines) if deadlines else None,
+                            self.settings.job_timeout_s, job_id)
         try:
-            enqueued = await self.store.submit(record, spec.image, fingerprint, spec.priority)
+            enqueued = await self.store.submit(record, spec.image, _fingerprint(spec), spec.priority)
         except QueueFull as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise unavailable(Reason.QUEUE_FULL, str(exc)) from None
+        if not enqueued.created and not enqueued.same_payload:
+            raise _reused(spec.request_id)
         if enqueued.created:
             metrics.JOBS_SUBMITTED.labels(model=spec.model).inc()
         return enqueued, record
@@ -159,72 +148,98 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
 
     @_guarded_unary
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
-        enqueued, _ = await self._submit(request.job, context, call_deadline=False)
-        if enqueued.created:
-            return pb.SubmitResponse(job_id=enqueued.job_id, created=True, state=pb.JOB_STATE_QUEUED)
-        existing, _ = await self._get_or_abort(enqueued.job_id, context)
-        return pb.SubmitResponse(job_id=enqueued.job_id, created=False, state=convert.state_to_proto(existing.state))
+        existing_id = await self._existing(request.job)
+        if existing_id is None:
+            enqueued, _ = await self._submit(request.job, context, call_deadline=False)
+            if enqueued.created:
+                return pb.SubmitResponse(job_id=enqueued.job_id, created=True, state=pb.JOB_STATE_QUEUED)
+            existing_id = enqueued.job_id
+        existing, _ = await self._get(existing_id)
+        return pb.SubmitResponse(job_id=existing_id, created=False, state=state_to_proto(existing.state))
 
     @_guarded_stream
     async def Run(self, request: pb.RunRequest, context):
-        job_id = new_job_id()
-        # Watch before the job exists: its events all arrive through the hub, none read back.
-        watcher = self.store.watch_new(job_id)
-        try:
-            enqueued, record = await self._submit(request.job, context, call_deadline=True, job_id=job_id)
-        except BaseException:
+        existing_id = await self._existing(request.job)
+        if existing_id is None:
+            job_id = new_job_id()
+            # Watch before the job exists: its events all arrive through the hub, none read back.
+            watcher = self.store.watch_new(job_id)
+            try:
+                enqueued, record = await self._submit(request.job, context, call_deadline=True, job_id=job_id)
+            except BaseException:
+                self.store.unwatch(watcher)
+                raise
+            if enqueued.created:
+                queued = Event(EventType.QUEUED, JobState.QUEUED, time=record.created,
+                               event_id=enqueued.queued_event_id)
+                yield pb.RunResponse(event=convert.event_to_proto(job_id, queued))
+                stream = self.store.events(job_id, enqueued.queued_event_id, watcher=watcher)
+                async for message in self._relay(job_id, stream, pb.RunResponse):
+                    yield message
+                return
             self.store.unwatch(watcher)
-            raise
-        if enqueued.created:
-            queued = Event(EventType.QUEUED, JobState.QUEUED, time=record.created, event_id=enqueued.queued_event_id)
-            yield pb.RunResponse(event=convert.event_to_proto(job_id, queued))
-            stream = self.store.events(job_id, enqueued.queued_event_id, watcher=watcher)
-        else:  # request_id named an existing job: stream it from its start
-            self.store.unwatch(watcher)
-            stream = self.store.events(enqueued.job_id)
-        async for message in self._relay(enqueued.job_id, stream, pb.RunResponse, context):
+            existing_id = enqueued.job_id
+        # request_id named an existing job: stream it from its start
+        async for message in self._relay(existing_id, self.store.events(existing_id), pb.RunResponse):
             yield message
 
     @_guarded_stream
     async def Watch(self, request: pb.WatchRequest, context):
-        if not request.job_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is required")
+        validation.check_job_id(request.job_id)
         try:
             stream = self.store.events(request.job_id, request.after_event_id)
-            async for message in self._relay(request.job_id, stream, pb.WatchResponse, context):
+            async for message in self._relay(request.job_id, stream, pb.WatchResponse):
                 yield message
         except BadEventId as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise validation.invalid("after_event_id", str(exc)) from None
         except EventIdOutOfRange as exc:
-            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, Reason.EVENT_ID_OUT_OF_RANGE, str(exc)) from None
 
-    async def _relay(self, job_id: str, stream, wrap, context):
+    async def _relay(self, job_id: str, stream, wrap):
+        """The job's events as messages; the terminal DONE carries the result (self-contained)."""
         metrics.OPEN_STREAMS.inc()
+        result = None
         try:
             async for event in stream:
+                if event.type is EventType.RESULT:
+                    result = event.result
+                elif event.type is EventType.DONE:
+                    if result is None:  # resumed after the RESULT event
+                        result = await self.store.result_of(job_id)
+                    yield wrap(event=convert.event_to_proto(job_id, event, result))
+                    continue
                 yield wrap(event=convert.event_to_proto(job_id, event))
         except UnknownJob as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise not_found(str(exc)) from None
         finally:
             metrics.OPEN_STREAMS.dec()
 
-    async def _get_or_abort(self, job_id: str, context):
-        if not job_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is required")
+    async def _get(self, job_id: str):
         try:
             return await self.store.get(job_id)
         except UnknownJob as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise not_found(str(exc)) from None
 
     @_guarded_unary
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
-        record, result = await self._get_or_abort(request.job_id, context)
+        if request.job_id and request.request_id:
+            raise validation.invalid("request_id", "give job_id or request_id, not both")
+        if request.request_id:
+            validation.check_request_id(request.request_id, "request_id")
+            found = await self.store.find_request(request.request_id)
+            if found is None:
+                raise not_found(f"no job was submitted with request_id {validation.quote(request.request_id)} "
+                                f"(or it expired {self.settings.result_ttl_s} s after it last changed)")
+            job_id = found[0]
+        else:
+            validation.check_job_id(request.job_id)
+            job_id = request.job_id
+        record, result = await self._get(job_id)
         return pb.GetJobResponse(job=convert.job_to_proto(record, result))
 
     @_guarded_unary
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
-        if not request.job_id:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "job_id is required")
+        validation.check_job_id(request.job_id)
         wait_s = self.settings.cancel_wait_s
         remaining = context.time_remaining()
         if remaining is not None:
@@ -232,36 +247,55 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         try:
             state, cancelled = await self.store.cancel(request.job_id, wait_s)
         except UnknownJob as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        return pb.CancelJobResponse(job_id=request.job_id, state=convert.state_to_proto(state), cancelled=cancelled)
+            raise not_found(str(exc)) from None
+        return pb.CancelJobResponse(job_id=request.job_id, state=state_to_proto(state), cancelled=cancelled)
 
     @_guarded_unary
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        response = pb.ListModelsResponse()
+        limits = self.limits()
+        response = pb.ListModelsResponse(limits=limits)
         for name in await self.store.models():
             workers = await self.store.live_workers(name)
-            info = pb.ModelInfo(name=name, live_workers=len(workers), queue_depth=await self.store.queue_depth(name))
+            info = pb.ModelInfo(name=name, live_workers=len(workers), queue_depth=await self.store.queue_depth(name),
+                                limits=limits)
             for view in workers:
-                f = view.fields
-                info.workers.append(pb.WorkerInfo(
-                    worker_id=view.worker_id, host=f.get("host", ""), device=f.get("device", ""),
-                    dtype=f.get("dtype", ""), attention=f.get("attention", ""),
-                    batch_size=int(f.get("batch_size", 0)), model_id=f.get("model_id", ""),
-                    model_revision=f.get("model_revision", ""), random_weights=f.get("random_weights") == "1",
-                    jobs_done=int(f.get("jobs_done", 0)), generate_calls=int(f.get("generate_calls", 0)),
-                    state=f.get("state", ""),
-                ))
+                info.workers.append(_worker_info(view))
             info.random_weights = any(w.random_weights for w in info.workers)
+            if workers:
+                model = ModelCapabilities.of_workers([view.fields for view in workers])
+                info.kind = model.kind
+                info.tasks.extend(sorted(task_to_proto(task) for task in model.tasks))
+                info.max_new_tokens = model.max_new_tokens
+                info.max_text_tokens = model.max_text_tokens
             response.models.append(info)
         return response
 
 
+def _worker_info(view) -> pb.WorkerInfo:
+    f = view.fields
+    return pb.WorkerInfo(
+        worker_id=view.worker_id, host=f.get("host", ""), device=f.get("device", ""),
+        dtype=f.get("dtype", ""), attention=f.get("attention", ""),
+        batch_size=int(f.get("batch_size", 0)), model_id=f.get("model_id", ""),
+        model_revision=f.get("model_revision", ""), random_weights=f.get("random_weights") == "1",
+        jobs_done=int(f.get("jobs_done", 0)), generate_calls=int(f.get("generate_calls", 0)),
+        state=f.get("state", ""),
+    )
+
+
 def _fingerprint(spec: pb.JobSpec) -> str:
-    """A digest of everything that defines the job except its request_id."""
+    """'<digest of the request>:<digest of the image>': everything that defines the job but its request_id."""
     header = pb.JobSpec()
     header.CopyFrom(spec)
     header.image = b""
     header.request_id = ""
-    digest = hashlib.blake2b(header.SerializeToString(deterministic=True), digest_size=16)
-    digest.update(spec.image)
-    return digest.hexdigest()
+    request = hashlib.blake2b(header.SerializeToString(deterministic=True), digest_size=16).hexdigest()
+    return f"{request}:{hashlib.blake2b(spec.image, digest_size=16).hexdigest()}"
+
+
+def _same_payload(spec: pb.JobSpec, stored: str) -> bool:
+    """Does a retry match the job's stored fingerprint? A retry may leave the image out (the id names
+    the job); any image it carries must be the job's."""
+    request, _, image = _fingerprint(spec).partition(":")
+    stored_request, _, stored_image = stored.partition(":")
+    return request == stored_request and (not spec.image or image == stored_image)

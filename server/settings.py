@@ -33,6 +33,9 @@ class ServerSettings:
     cancel_wait_s: float = 2.0
     # A quiet Watch reads its job's stream itself this often (and notices an expired job).
     watch_check_s: float = 30.0
+    # Decoded pixels the front end's image checks may hold at once (others wait): bounds its memory
+    # (about 3 bytes a pixel) whatever arrives together. Never below max_image_pixels in effect.
+    image_check_pixels: int = 60_000_000
 
     ENV = {
         "redis_url": "REDIS_URL", "address": "FLORENCE2_ADDRESS",
@@ -41,6 +44,7 @@ class ServerSettings:
         "result_ttl_s": "FLORENCE2_RESULT_TTL", "job_timeout_s": "FLORENCE2_JOB_TIMEOUT",
         "max_retries": "FLORENCE2_MAX_RETRIES",
         "token": "FLORENCE2_TOKEN", "metrics_port": "FLORENCE2_METRICS_PORT",
+        "image_check_pixels": "FLORENCE2_IMAGE_CHECK_PIXELS",
     }
 
     @classmethod
@@ -56,7 +60,8 @@ class ServerSettings:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_queue_depth", "result_ttl_s"):
+        for name in ("max_message_bytes", "max_image_bytes", "max_image_pixels", "max_queue_depth", "result_ttl_s",
+                     "image_check_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("job_timeout_s", "max_retries", "cancel_wait_s"):

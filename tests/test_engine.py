@@ -35,11 +35,12 @@ def test_batched_equals_one_at_a_time(tiny_loaded, num_beams):
     for b, s in zip(batched, singles):
         assert b.error is None and s.error is None
         assert b.result.raw_text == s.result.raw_text
-        assert b.result.to_dict()["boxes"] == s.result.to_dict()["boxes"]
+        assert list(b.result.boxes) == list(s.result.boxes)
     # The taught answer comes back typed, on the real image size.
     od = batched[0].result
     assert [b.label for b in od.boxes] == ["car", "door handle", "wheel", "wheel"]
-    assert od.boxes[0].as_list() == pytest.approx([34.24, 160.08, 597.44, 371.76], abs=0.01)
+    box = od.boxes[0]
+    assert [box.x1, box.y1, box.x2, box.y2] == pytest.approx([34.24, 160.08, 597.44, 371.76], abs=0.01)
     assert od.model_id == str(tiny_loaded.model_id) and od.timings.generate_ms > 0
 
 
@@ -57,7 +58,7 @@ def test_bad_request_fails_alone(tiny_loaded):
     requests = mixed_requests(GenerationSettings(num_beams=1, max_new_tokens=20))
     requests.append(InferenceRequest(lesson_images()[0], Task.REGION_TO_CATEGORY, region=(0, 0, 9999, 10)))
     outcomes = engine.run_batch(requests)
-    assert "outside" in outcomes[-1].error
+    assert "outside" in outcomes[-1].error.message
     assert all(o.result is not None for o in outcomes[:-1])
 
 
@@ -108,7 +109,8 @@ def test_reference_defaults():
 
 def test_detect_task_is_refused_by_a_florence_worker(tiny_loaded):
     outcome = Florence2Engine(tiny_loaded).run_batch([InferenceRequest(lesson_images()[0], Task.DETECT)])[0]
-    assert outcome.result is None and "YOLOv8" in outcome.error
+    assert outcome.result is None and "YOLOv8" in outcome.error.message
+    assert outcome.error.reason == "TASK_NOT_SUPPORTED"
 
 
 def test_max_new_tokens_beyond_the_model_limit_fails_alone(tiny_loaded):
@@ -117,4 +119,17 @@ def test_max_new_tokens_beyond_the_model_limit_fails_alone(tiny_loaded):
     outcomes = engine.run_batch([InferenceRequest(lesson_images()[0], Task.OD, generation=too_long),
                                  InferenceRequest(lesson_images()[0], Task.CAPTION,
                                                   generation=GenerationSettings(max_new_tokens=16))])
-    assert "exceeds this model's limit" in outcomes[0].error and outcomes[1].result is not None
+    assert "exceeds this model's limit" in outcomes[0].error.message and outcomes[1].result is not None
+    assert outcomes[0].error.reason == "TOKEN_LIMIT" and outcomes[0].error.metadata == {"limit": "1086"}
+
+
+def test_text_over_the_token_budget_fails_alone_and_the_budget_leaves_room(tiny_loaded):
+    engine = Florence2Engine(tiny_loaded)
+    assert 0 < engine.max_text_tokens < 1088 - 17  # the positions minus the image tokens and a prompt
+    long_text = "car " * (engine.max_text_tokens + 10)
+    outcomes = engine.run_batch([
+        InferenceRequest(lesson_images()[0], Task.CAPTION_TO_PHRASE_GROUNDING, text=long_text,
+                         generation=GenerationSettings(num_beams=1, max_new_tokens=8)),
+        InferenceRequest(lesson_images()[0], Task.CAPTION_TO_PHRASE_GROUNDING, text="car " * (engine.max_text_tokens // 2 - 2),
+                         generation=GenerationSettings(num_beams=1, max_new_tokens=8))])
+    assert outcomes[0].error.reason == "TOKEN_LIMIT" and outcomes[1].error is None, outcomes[1]

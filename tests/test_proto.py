@@ -33,11 +33,21 @@ def test_stubs_import_through_the_namespace_in_a_clean_interpreter():
 
 
 def test_task_enum_covers_every_task():
+    from florence2_serve.common.proto_enums import task_from_proto, task_name, task_to_proto
     from florence2_serve.common.tasks import Task
-    from florence2_serve.server.convert import task_from_proto, task_to_proto
+    from florence2_serve.v1 import florence2_pb2 as pb
 
     for task in Task:
-        assert task_from_proto(task_to_proto(task)) is task
+        assert task_from_proto(task_to_proto(task)) is task and task_name(task_to_proto(task)) == task.name
+    assert len(pb.TaskType.values()) == len(Task) + 1  # and UNSPECIFIED
+
+
+def test_every_language_has_its_packaging_options():
+    options = (PROTO_DIR / "florence2.proto").read_text()
+    for option in ("go_package", "java_package", "java_multiple_files", "java_outer_classname", "csharp_namespace",
+                   "objc_class_prefix", "php_namespace", "ruby_package"):
+        assert f"option {option} = " in options, option
+    assert "enum Task {" not in options  # clashes with System.Threading.Tasks.Task in C#
 
 
 def _buf() -> str | None:
@@ -45,10 +55,39 @@ def _buf() -> str | None:
     return str(local) if local.exists() else shutil.which("buf")
 
 
-def test_buf_lint_clean():
+def _need_buf() -> str:
     buf = _buf()
     if buf is None:
-        assert not os.environ.get("CI"), "CI must lint the proto: .ci/run installs buf with npm"
+        assert not os.environ.get("CI"), "CI must check the proto: .ci/run installs buf with npm"
         pytest.skip("buf not installed (npm install; .ci/run does)")
-    result = subprocess.run([buf, "lint"], cwd=REPO / "protos", capture_output=True, text=True)
+    return buf
+
+
+RELEASED = REPO / "protos" / "released" / "florence2-v1.binpb"
+
+
+def test_buf_lint_clean():
+    result = subprocess.run([_need_buf(), "lint"], cwd=REPO / "protos", capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_breaking_change_against_the_released_proto():
+    result = subprocess.run([_need_buf(), "breaking", "--against", str(RELEASED)], cwd=REPO / "protos",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, "wire/API-breaking change against v1 as released:\n" + result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("change", [
+    ("  TaskType task = 2;\n", "  int64 task = 2;\n"),  # a field's type
+    ("  string model = 1;\n  TaskType task = 2;", "  string model = 11;\n  TaskType task = 2;"),  # a field number
+    ("  EVENT_TYPE_EXPIRED = 7;\n", ""),  # an enum value removed
+])
+def test_buf_breaking_catches_a_wire_breaking_change(tmp_path, change):
+    shutil.copytree(REPO / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    proto = tmp_path / "protos" / "florence2" / "v1" / "florence2.proto"
+    text = proto.read_text()
+    assert change[0] in text
+    proto.write_text(text.replace(change[0], change[1], 1))
+    result = subprocess.run([_need_buf(), "breaking", "--against", str(RELEASED)], cwd=tmp_path / "protos",
+                            capture_output=True, text=True)
+    assert result.returncode != 0, result.stdout

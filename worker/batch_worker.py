@@ -41,6 +41,7 @@ from rq.serializers import JSONSerializer
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
+from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.generation import GenerationSettings
 from florence2_serve.common.images import ImageError, decode_image
 from florence2_serve.common.redis_layout import JobState
@@ -48,7 +49,7 @@ from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
 
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
-from .outcomes import Batch, Held, Requeue, batch_endings
+from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .settings import WorkerSettings
 
@@ -219,15 +220,18 @@ class BatchWorker:
         if not accepting and ready:  # taken while stopping: straight back to the queue
             self._finishing.put(Requeue([held.job for held in ready]))
 
-    def _prepare(self, held: Held) -> str | None:
+    def _prepare(self, held: Held) -> JobError | None:
         """Decode the job into an InferenceRequest on `held`, or say why it cannot run."""
         job, record = held.job, held.job.record
         try:
             image = decode_image(job.image)
+        except ImageError as exc:
+            return JobError((Reason.IMAGE_TOO_LARGE if exc.too_large else Reason.IMAGE_UNREADABLE).value, str(exc))
+        try:
             generation = GenerationSettings.from_options(record.generation)
             task = Task(record.task)
-        except (ImageError, ValueError, TypeError) as exc:
-            return f"bad request: {exc}"
+        except (ValueError, TypeError) as exc:
+            return JobError(Reason.INVALID_FIELD.value, str(exc))
         stop_now, cancel = self._now, held.cancel
         held.request = InferenceRequest(
             image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
@@ -275,11 +279,11 @@ class BatchWorker:
             if self._now.is_set():
                 runnable.append(held)  # the engine stops them at once; the finisher requeues them
             elif held.cancel.is_set():
-                ended.append(Finished(job, "stopped", JobState.CANCELLED.value, "cancelled before it ran",
+                ended.append(Finished(job, "stopped", JobState.CANCELLED.value, CANCELLED_BEFORE_RUN,
                                       started_at=held.taken_at))
             elif job.record.expired(now):
-                ended.append(Finished(job, "failed", JobState.EXPIRED.value,
-                                      "deadline passed before the job ran; it was not run", started_at=held.taken_at))
+                ended.append(Finished(job, "failed", JobState.EXPIRED.value, EXPIRED_BEFORE_RUN,
+                                      started_at=held.taken_at))
             else:
                 held.started_at = now
                 record = job.record
@@ -298,9 +302,9 @@ class BatchWorker:
             return [InferenceOutcome(r, cancelled=True) for r in requests]
         try:
             return check_batch(requests, self.engine.run_batch(requests))
-        except Exception as exc:  # noqa: BLE001 - engines isolate bad requests; this is the last resort
+        except Exception:  # noqa: BLE001 - engines isolate bad requests; this is the last resort
             log.exception("batch of %d failed", len(batch))
-            return [InferenceOutcome(r, error=f"inference failed: {type(exc).__name__}") for r in requests]
+            return [InferenceOutcome(r, error=INFERENCE_FAILED) for r in requests]
 
     # -- finisher ---------------------------------------------------------------------------------
 
@@ -385,5 +389,5 @@ class BatchWorker:
                 self._ready_changed.notify_all()
         log.info("job %s cancelled", job_id)
         if waiting:
-            self._finishing.put([Finished(held.job, "stopped", JobState.CANCELLED.value, "cancelled before it ran",
+            self._finishing.put([Finished(held.job, "stopped", JobState.CANCELLED.value, CANCELLED_BEFORE_RUN,
                                           started_at=held.taken_at)])

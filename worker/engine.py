@@ -15,9 +15,9 @@ from collections import defaultdict
 from typing import Callable
 
 from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.postprocess import parse_generation
-from florence2_serve.common.results import TaskResult
-from florence2_serve.common.tasks import Task, build_prompt
+from florence2_serve.common.tasks import FLORENCE_TASKS, SPECS, Input, Task, build_prompt
 
 from .inference import InferenceOutcome, InferenceRequest
 from .loader import LoadedModel
@@ -53,6 +53,13 @@ class Florence2Engine:
         positions = getattr(text_config, "max_position_embeddings", 0) or 0
         # BART's learned positions hold the decoder start token too.
         self.max_new_tokens_limit = max(0, positions - 2)
+        self.max_text_tokens = _text_budget(loaded.processor, positions)
+        self.tasks = list(FLORENCE_TASKS)
+
+    def tokenizer_json(self) -> str | None:
+        """The tokenizer as `tokenizers` JSON (the front end counts text tokens with it), if it has one."""
+        backend = getattr(getattr(self.loaded.processor, "tokenizer", None), "backend_tokenizer", None)
+        return backend.to_str() if backend is not None else None
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         outcomes = {id(r): InferenceOutcome(r) for r in requests}
@@ -61,30 +68,45 @@ class Florence2Engine:
             if request.should_stop and request.should_stop():
                 outcomes[id(request)].cancelled = True
                 continue
-            try:
-                if request.task is Task.DETECT:
-                    raise ValueError("task DETECT needs a YOLOv8 worker; this worker holds Florence-2")
-                prompt = build_prompt(request.task, request.text, request.region, request.image.size)
-                limit = self.max_new_tokens_limit
-                if limit and request.generation.max_new_tokens > limit:
-                    raise ValueError(
-                        f"max_new_tokens {request.generation.max_new_tokens} exceeds this model's limit of {limit}"
-                    )
-            except ValueError as exc:
-                outcomes[id(request)].error = str(exc)
+            error, prompt = self._check(request)
+            if error is not None:
+                outcomes[id(request)].error = error
                 continue
             groups[request.generation].append((request, prompt))
         for settings, group in groups.items():
             self._run_group(settings, group, outcomes)
         return [outcomes[id(r)] for r in requests]
 
+    def _check(self, request: InferenceRequest) -> tuple[JobError | None, str]:
+        """(why the request cannot run, or None; its prompt). The front end checks the same first."""
+        if request.task is Task.DETECT:
+            return JobError(Reason.TASK_NOT_SUPPORTED.value,
+                            "task DETECT needs a YOLOv8 worker; this worker holds Florence-2"), ""
+        try:
+            prompt = build_prompt(request.task, request.text, request.region, request.image.size)
+        except ValueError as exc:
+            return JobError(Reason.INVALID_FIELD.value, str(exc)), ""
+        limit = self.max_new_tokens_limit
+        if limit and request.generation.max_new_tokens > limit:
+            return JobError(Reason.TOKEN_LIMIT.value,
+                            f"max_new_tokens {request.generation.max_new_tokens} exceeds this model's limit of {limit}",
+                            {"limit": str(limit)}), ""
+        if request.text and self.max_text_tokens:
+            count = len(self.loaded.processor.tokenizer(request.text, add_special_tokens=False).input_ids)
+            if count > self.max_text_tokens:
+                return JobError(Reason.TOKEN_LIMIT.value,
+                                f"text is {count} tokens, over this model's limit of {self.max_text_tokens}",
+                                {"limit": str(self.max_text_tokens)}), ""
+        return None, prompt
+
     def _run_group(self, settings, group, outcomes) -> None:
         try:
             results = self._generate(settings, group)
         except Exception as exc:  # noqa: BLE001 - isolate the failure to the request that causes it
             if len(group) == 1:
-                log.exception("generate failed for request %s", group[0][0].request_id)
-                outcomes[id(group[0][0])].error = f"inference failed: {type(exc).__name__}: {exc}"
+                log.exception("generate failed for job %s", group[0][0].request_id)
+                outcomes[id(group[0][0])].error = JobError(
+                    Reason.INFERENCE_FAILED.value, "inference failed on the worker (its log has the details)")
                 return
             log.warning("batched generate failed (%s); retrying %d requests one by one", exc, len(group))
             for item in group:
@@ -97,7 +119,7 @@ class Florence2Engine:
             else:
                 outcome.result = result
 
-    def _generate(self, settings: GenerationSettings, group) -> list[TaskResult]:
+    def _generate(self, settings: GenerationSettings, group) -> list:
         import torch
 
         loaded = self.loaded
@@ -138,6 +160,19 @@ class Florence2Engine:
             result.timings.postprocess_ms = (time.perf_counter() - post_started) * 1000
             results.append(result)
         return results
+
+
+def _text_budget(processor, positions: int) -> int:
+    """Most text tokens a prompt may carry: the encoder's positions hold the image tokens, the
+    longest text-taking prompt template and its special tokens; 2 spare for merges at the seams."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not positions:
+        return 0
+    image_tokens = (getattr(processor, "num_image_tokens", None)
+                    or getattr(getattr(processor, "image_processor", None), "image_seq_length", None) or 0)
+    template = max((len(tokenizer(spec.template.format(input="")).input_ids)
+                    for spec in SPECS.values() if spec.input is Input.TEXT), default=0)
+    return max(0, positions - int(image_tokens) - template - 2)
 
 
 def _criteria_list(stopper):

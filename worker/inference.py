@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from florence2_serve.common.generation import GenerationSettings
-from florence2_serve.common.results import TaskResult
+from florence2_serve.common.errors import JobError
 from florence2_serve.common.tasks import Task
+from florence2_serve.v1 import florence2_pb2 as pb
 
 
 @dataclass
@@ -29,14 +30,19 @@ class InferenceRequest:
 @dataclass
 class InferenceOutcome:
     request: InferenceRequest
-    result: TaskResult | None = None
-    error: str | None = None
+    result: pb.Result | None = None
+    error: JobError | None = None
     cancelled: bool = False
 
 
 class Engine(Protocol):
     kind: str
     generate_calls: int
+    tasks: list[Task]  # what it serves
+    max_new_tokens_limit: int  # 0: generates no tokens
+    max_text_tokens: int  # 0: takes no text
+
+    def tokenizer_json(self) -> str | None: ...
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]: ...
 

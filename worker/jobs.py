@@ -7,6 +7,7 @@ import logging
 from rq.exceptions import AbandonedJobError
 
 from florence2_serve.common import rq_bridge
+from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.redis_layout import EventType, JobState
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,10 @@ def on_failure(job, connection, exc_type, exc_value, traceback) -> None:
     if job.retries_left:
         log.warning("job %s lost its worker; re-running it (%d retries left)", job.id, job.retries_left)
         rq_bridge.append_event(connection, job.id, EventType.QUEUED.value, JobState.QUEUED.value,
-                               "back in the queue: the worker running it stopped heartbeating", ttl)
+                               JobError(Reason.WORKER_LOST.value,
+                                        "back in the queue: the worker running it stopped heartbeating"), ttl)
         return
     reason = "the worker running this job died (or stopped heartbeating) on every attempt; giving up"
     log.warning("job %s: %s", job.id, reason)
-    rq_bridge.append_event(connection, job.id, EventType.FAILED.value, JobState.FAILED.value, reason, ttl)
+    rq_bridge.append_event(connection, job.id, EventType.FAILED.value, JobState.FAILED.value,
+                           JobError(Reason.WORKER_LOST.value, reason), ttl)

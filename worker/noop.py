@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 
-from florence2_serve.common.results import TaskResult
+from florence2_serve.common.proto_enums import task_to_proto
+from florence2_serve.common.tasks import Task
+from florence2_serve.v1 import florence2_pb2 as pb
 
 from .inference import InferenceOutcome, InferenceRequest
 
@@ -21,10 +23,17 @@ STEP_S = 0.001
 
 class NoopEngine:
     kind = "noop"
+    tasks = list(Task)
+    # Its "tokens" are 1 ms steps, so tests may hold a job for seconds; text is counted in UTF-8 bytes.
+    max_new_tokens_limit = 4096
+    max_text_tokens = 256
 
     def __init__(self, loaded=None):
         self.loaded = loaded
         self.generate_calls = 0
+
+    def tokenizer_json(self) -> None:
+        return None
 
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         self.generate_calls += 1
@@ -47,9 +56,10 @@ class NoopEngine:
         for outcome in outcomes:
             if not outcome.cancelled:
                 width, height = outcome.request.image.size
-                outcome.result = TaskResult(task=outcome.request.task.value, image_width=width, image_height=height,
-                                            model_id=MODEL_ID, model_revision=MODEL_ID, batch_size=len(requests),
-                                            generated_tokens=outcome.request.generation.min_new_tokens)
+                outcome.result = pb.Result(task=task_to_proto(outcome.request.task), image_width=width,
+                                           image_height=height, model_id=MODEL_ID, model_revision=MODEL_ID,
+                                           batch_size=len(requests),
+                                           generated_tokens=outcome.request.generation.min_new_tokens)
         return outcomes
 
 

@@ -6,11 +6,11 @@ functions of a batch and the clock.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
 
+from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
 
@@ -56,29 +56,38 @@ def batch_endings(batch: Batch, worker_id: str, stopping_now: bool, ended: list[
             result = outcome.result
             result.worker_id = worker_id
             result.timings.queue_ms = max(0.0, (held.started_at - job.record.created) * 1000)
-            ended.append(Finished(job, "ok", JobState.SUCCEEDED.value, result_json=json.dumps(result.to_dict()),
-                                  started_at=held.taken_at))
+            ended.append(Finished(job, "ok", JobState.SUCCEEDED.value, result=result, started_at=held.taken_at))
         elif outcome.cancelled:
             if stopping_now and not held.cancel.is_set():
                 requeue.append(job)
             else:
                 ended.append(stopped(held, finished_at))
         else:
-            ended.append(Finished(job, "failed", JobState.FAILED.value, outcome.error or "inference failed",
+            ended.append(Finished(job, "failed", JobState.FAILED.value, outcome.error or INFERENCE_FAILED,
                                   started_at=held.taken_at))
     return worked
+
+
+INFERENCE_FAILED = JobError(Reason.INFERENCE_FAILED.value, "inference failed on the worker (its log has the details)")
+CANCELLED_BEFORE_RUN = JobError(Reason.CANCELLED.value, "cancelled before it ran")
+EXPIRED_BEFORE_RUN = JobError(Reason.DEADLINE_EXCEEDED.value, "deadline passed before the job ran; it was not run")
 
 
 def stopped(held: Held, now: float) -> Finished:
     """The ending of a job the engine stopped mid-generate: why it was stopped, said to its user."""
     job, record = held.job, held.job.record
     if held.cancel.is_set():
-        return Finished(job, "stopped", JobState.CANCELLED.value, "cancelled while running", started_at=held.taken_at)
+        return Finished(job, "stopped", JobState.CANCELLED.value,
+                        JobError(Reason.CANCELLED.value, "cancelled while running"), started_at=held.taken_at)
     if record.deadline is not None and now >= record.deadline:
-        return Finished(job, "failed", JobState.EXPIRED.value, "deadline exceeded while running; stopped",
+        return Finished(job, "failed", JobState.EXPIRED.value,
+                        JobError(Reason.DEADLINE_EXCEEDED.value, "deadline exceeded while running; stopped"),
                         started_at=held.taken_at)
     if record.run_timeout_s and now >= held.started_at + record.run_timeout_s:
         return Finished(job, "failed", JobState.FAILED.value,
-                        f"ran longer than the job timeout of {record.run_timeout_s:g} s; stopped",
+                        JobError(Reason.JOB_TIMEOUT.value,
+                                 f"ran longer than the job timeout of {record.run_timeout_s:g} s; stopped",
+                                 {"timeout_s": f"{record.run_timeout_s:g}"}),
                         started_at=held.taken_at)
-    return Finished(job, "failed", JobState.FAILED.value, "stopped", started_at=held.taken_at)
+    return Finished(job, "failed", JobState.FAILED.value, JobError(Reason.WORKER_STOPPED.value, "stopped"),
+                    started_at=held.taken_at)

@@ -6,6 +6,7 @@ generation at the next step, put every unfinished job back at the front of its q
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -15,6 +16,7 @@ import time
 
 import redis
 
+from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.rq_bridge import check_rq_version
 
 from .settings import WorkerSettings
@@ -38,13 +40,30 @@ def check_redis(url: str, timeout_s: float = 3.0) -> redis.Redis:
     return connection
 
 
-def describe(settings: WorkerSettings, loaded) -> dict:
+def describe(settings: WorkerSettings, loaded, engine, tokenizer_digest: str = "") -> dict:
+    """The worker's registration: who it is and what its model can do (ListModels and Submit read it)."""
     return {
         "model": settings.model_name, "model_id": loaded.model_id, "model_revision": loaded.revision,
         "kind": loaded.kind, "device": str(loaded.device), "dtype": loaded.dtype_name,
         "attention": loaded.attention, "random_weights": "1" if loaded.random_weights else "0",
         "batch_size": settings.batch_size, "host": socket.gethostname(), "started": time.time(),
+        "tasks": ",".join(task.name for task in engine.tasks), "max_new_tokens": engine.max_new_tokens_limit,
+        "max_text_tokens": engine.max_text_tokens, "tokenizer": tokenizer_digest,
     }
+
+
+# Published tokenizers outlive a worker restart; any worker of the model publishes it again.
+TOKENIZER_TTL_S = 7 * 24 * 3600
+
+
+def publish_tokenizer(connection: redis.Redis, engine) -> str:
+    """Store the engine's tokenizer for the front end (keyed by its digest); the digest, or ""."""
+    text = engine.tokenizer_json()
+    if not text:
+        return ""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    connection.set(layout.tokenizer_key(digest), text, ex=TOKENIZER_TTL_S)
+    return digest
 
 
 def _exit_with_parent() -> None:
@@ -85,7 +104,16 @@ def run_worker(settings: WorkerSettings) -> int:
     except (ModelLoadError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    worker = BatchWorker(connection, settings, create_engine(loaded), describe(settings, loaded))
+    engine = create_engine(loaded)
+    tokenizer_digest = ""
+    while True:
+        try:
+            tokenizer_digest = publish_tokenizer(connection, engine)
+            break
+        except (redis.RedisError, OSError) as exc:
+            log.warning("cannot publish the tokenizer yet (%s); retrying", str(exc).splitlines()[0])
+            time.sleep(1)
+    worker = BatchWorker(connection, settings, engine, describe(settings, loaded, engine, tokenizer_digest))
 
     def on_signal(signum, _frame):
         if worker.stopping:

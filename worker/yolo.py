@@ -10,7 +10,9 @@ import logging
 import time
 from pathlib import Path
 
-from florence2_serve.common.results import Box, TaskResult
+from florence2_serve.common.errors import JobError, Reason
+from florence2_serve.common.proto_enums import task_to_proto
+from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.common.tasks import Task
 
 from .inference import InferenceOutcome, InferenceRequest
@@ -78,6 +80,13 @@ class YoloEngine:
         self.confidence = confidence
         self.generate_calls = 0
 
+    tasks = [Task.DETECT]
+    max_new_tokens_limit = 0
+    max_text_tokens = 0
+
+    def tokenizer_json(self) -> None:
+        return None
+
     def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
         outcomes = [InferenceOutcome(r) for r in requests]
         runnable = []
@@ -86,7 +95,8 @@ class YoloEngine:
             if request.should_stop and request.should_stop():
                 outcome.cancelled = True
             elif request.task is not Task.DETECT:
-                outcome.error = f"task {request.task.name} needs a Florence-2 worker; YOLOv8 workers serve DETECT"
+                outcome.error = JobError(Reason.TASK_NOT_SUPPORTED.value,
+                                         f"task {request.task.name} needs a Florence-2 worker; YOLOv8 workers serve DETECT")
             else:
                 runnable.append(outcome)
         if not runnable:
@@ -98,10 +108,11 @@ class YoloEngine:
                 [o.request.image for o in runnable], conf=self.confidence, verbose=False,
                 device=self.loaded.device, **extra,
             )
-        except Exception as exc:  # noqa: BLE001 - fail this batch's requests, keep the worker
+        except Exception:  # noqa: BLE001 - fail this batch's requests, keep the worker
             log.exception("YOLO predict failed")
             for outcome in runnable:
-                outcome.error = f"inference failed: {type(exc).__name__}: {exc}"
+                outcome.error = JobError(Reason.INFERENCE_FAILED.value,
+                                         "inference failed on the worker (its log has the details)")
             return outcomes
         self.generate_calls += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
@@ -109,13 +120,14 @@ class YoloEngine:
         for outcome, prediction in zip(runnable, predictions, strict=True):
             post_started = time.perf_counter()
             width, height = outcome.request.image.size
-            result = TaskResult(task=Task.DETECT.value, image_width=width, image_height=height,
-                                model_id=self.loaded.model_id, model_revision=self.loaded.revision,
-                                batch_size=len(runnable))
+            result = pb.Result(task=task_to_proto(Task.DETECT), image_width=width, image_height=height,
+                               model_id=self.loaded.model_id, model_revision=self.loaded.revision,
+                               batch_size=len(runnable))
             boxes = prediction.boxes
             for xyxy, score, cls in zip(boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.tolist(), strict=True):
-                result.boxes.append(Box(*[round(v, 2) for v in xyxy], label=str(names[int(cls)]),
-                                        score=round(float(score), 4)))
+                x1, y1, x2, y2 = [round(v, 2) for v in xyxy]
+                result.boxes.append(pb.Box(x1=x1, y1=y1, x2=x2, y2=y2, label=str(names[int(cls)]),
+                                           score=round(float(score), 4)))
             speed = getattr(prediction, "speed", {}) or {}
             result.timings.preprocess_ms = float(speed.get("preprocess", 0.0))
             result.timings.generate_ms = float(speed.get("inference", elapsed_ms))

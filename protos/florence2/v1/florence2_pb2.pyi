@@ -11,25 +11,32 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+class TaskType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    TASK_UNSPECIFIED: _ClassVar[Task]
-    TASK_CAPTION: _ClassVar[Task]
-    TASK_DETAILED_CAPTION: _ClassVar[Task]
-    TASK_MORE_DETAILED_CAPTION: _ClassVar[Task]
-    TASK_OD: _ClassVar[Task]
-    TASK_DENSE_REGION_CAPTION: _ClassVar[Task]
-    TASK_REGION_PROPOSAL: _ClassVar[Task]
-    TASK_CAPTION_TO_PHRASE_GROUNDING: _ClassVar[Task]
-    TASK_REFERRING_EXPRESSION_SEGMENTATION: _ClassVar[Task]
-    TASK_REGION_TO_SEGMENTATION: _ClassVar[Task]
-    TASK_OPEN_VOCABULARY_DETECTION: _ClassVar[Task]
-    TASK_REGION_TO_CATEGORY: _ClassVar[Task]
-    TASK_REGION_TO_DESCRIPTION: _ClassVar[Task]
-    TASK_REGION_TO_OCR: _ClassVar[Task]
-    TASK_OCR: _ClassVar[Task]
-    TASK_OCR_WITH_REGION: _ClassVar[Task]
-    TASK_DETECT: _ClassVar[Task]
+    TASK_TYPE_UNSPECIFIED: _ClassVar[TaskType]
+    TASK_TYPE_CAPTION: _ClassVar[TaskType]
+    TASK_TYPE_DETAILED_CAPTION: _ClassVar[TaskType]
+    TASK_TYPE_MORE_DETAILED_CAPTION: _ClassVar[TaskType]
+    TASK_TYPE_OD: _ClassVar[TaskType]
+    TASK_TYPE_DENSE_REGION_CAPTION: _ClassVar[TaskType]
+    TASK_TYPE_REGION_PROPOSAL: _ClassVar[TaskType]
+    TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING: _ClassVar[TaskType]
+    TASK_TYPE_REFERRING_EXPRESSION_SEGMENTATION: _ClassVar[TaskType]
+    TASK_TYPE_REGION_TO_SEGMENTATION: _ClassVar[TaskType]
+    TASK_TYPE_OPEN_VOCABULARY_DETECTION: _ClassVar[TaskType]
+    TASK_TYPE_REGION_TO_CATEGORY: _ClassVar[TaskType]
+    TASK_TYPE_REGION_TO_DESCRIPTION: _ClassVar[TaskType]
+    TASK_TYPE_REGION_TO_OCR: _ClassVar[TaskType]
+    TASK_TYPE_OCR: _ClassVar[TaskType]
+    TASK_TYPE_OCR_WITH_REGION: _ClassVar[TaskType]
+    TASK_TYPE_DETECT: _ClassVar[TaskType]
+
+class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_KIND_UNSPECIFIED: _ClassVar[ModelKind]
+    MODEL_KIND_FLORENCE2: _ClassVar[ModelKind]
+    MODEL_KIND_YOLOV8: _ClassVar[ModelKind]
+    MODEL_KIND_NOOP: _ClassVar[ModelKind]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,23 +57,28 @@ class EventType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_TYPE_DONE: _ClassVar[EventType]
     EVENT_TYPE_FAILED: _ClassVar[EventType]
     EVENT_TYPE_CANCELLED: _ClassVar[EventType]
-TASK_UNSPECIFIED: Task
-TASK_CAPTION: Task
-TASK_DETAILED_CAPTION: Task
-TASK_MORE_DETAILED_CAPTION: Task
-TASK_OD: Task
-TASK_DENSE_REGION_CAPTION: Task
-TASK_REGION_PROPOSAL: Task
-TASK_CAPTION_TO_PHRASE_GROUNDING: Task
-TASK_REFERRING_EXPRESSION_SEGMENTATION: Task
-TASK_REGION_TO_SEGMENTATION: Task
-TASK_OPEN_VOCABULARY_DETECTION: Task
-TASK_REGION_TO_CATEGORY: Task
-TASK_REGION_TO_DESCRIPTION: Task
-TASK_REGION_TO_OCR: Task
-TASK_OCR: Task
-TASK_OCR_WITH_REGION: Task
-TASK_DETECT: Task
+    EVENT_TYPE_EXPIRED: _ClassVar[EventType]
+TASK_TYPE_UNSPECIFIED: TaskType
+TASK_TYPE_CAPTION: TaskType
+TASK_TYPE_DETAILED_CAPTION: TaskType
+TASK_TYPE_MORE_DETAILED_CAPTION: TaskType
+TASK_TYPE_OD: TaskType
+TASK_TYPE_DENSE_REGION_CAPTION: TaskType
+TASK_TYPE_REGION_PROPOSAL: TaskType
+TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING: TaskType
+TASK_TYPE_REFERRING_EXPRESSION_SEGMENTATION: TaskType
+TASK_TYPE_REGION_TO_SEGMENTATION: TaskType
+TASK_TYPE_OPEN_VOCABULARY_DETECTION: TaskType
+TASK_TYPE_REGION_TO_CATEGORY: TaskType
+TASK_TYPE_REGION_TO_DESCRIPTION: TaskType
+TASK_TYPE_REGION_TO_OCR: TaskType
+TASK_TYPE_OCR: TaskType
+TASK_TYPE_OCR_WITH_REGION: TaskType
+TASK_TYPE_DETECT: TaskType
+MODEL_KIND_UNSPECIFIED: ModelKind
+MODEL_KIND_FLORENCE2: ModelKind
+MODEL_KIND_YOLOV8: ModelKind
+MODEL_KIND_NOOP: ModelKind
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -81,6 +93,7 @@ EVENT_TYPE_RESULT: EventType
 EVENT_TYPE_DONE: EventType
 EVENT_TYPE_FAILED: EventType
 EVENT_TYPE_CANCELLED: EventType
+EVENT_TYPE_EXPIRED: EventType
 
 class Region(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2")
@@ -118,7 +131,7 @@ class JobSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     model: str
-    task: Task
+    task: TaskType
     image: bytes
     text: str
     region: Region
@@ -126,7 +139,7 @@ class JobSpec(_message.Message):
     request_id: str
     priority: int
     timeout: _duration_pb2.Duration
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("job",)
@@ -171,10 +184,12 @@ class WatchResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
-    __slots__ = ("job_id",)
+    __slots__ = ("job_id", "request_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
-    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class GetJobResponse(_message.Message):
     __slots__ = ("job",)
@@ -203,10 +218,30 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "limits")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    limits: ServiceLimits
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...
+
+class ServiceLimits(_message.Message):
+    __slots__ = ("max_image_bytes", "max_image_pixels", "max_message_bytes", "max_request_id_length", "max_model_name_length", "max_num_beams", "max_priority")
+    MAX_IMAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_ID_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_NAME_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    max_image_bytes: int
+    max_image_pixels: int
+    max_message_bytes: int
+    max_request_id_length: int
+    max_model_name_length: int
+    max_num_beams: int
+    max_priority: int
+    def __init__(self, max_image_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_request_id_length: _Optional[int] = ..., max_model_name_length: _Optional[int] = ..., max_num_beams: _Optional[int] = ..., max_priority: _Optional[int] = ...) -> None: ...
 
 class Box(_message.Message):
     __slots__ = ("x1", "y1", "x2", "y2", "label", "score")
@@ -225,12 +260,18 @@ class Box(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class Polygon(_message.Message):
-    __slots__ = ("points", "label")
-    POINTS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("label", "rings")
     LABEL_FIELD_NUMBER: _ClassVar[int]
-    points: _containers.RepeatedScalarFieldContainer[float]
+    RINGS_FIELD_NUMBER: _ClassVar[int]
     label: str
-    def __init__(self, points: _Optional[_Iterable[float]] = ..., label: _Optional[str] = ...) -> None: ...
+    rings: _containers.RepeatedCompositeFieldContainer[Ring]
+    def __init__(self, label: _Optional[str] = ..., rings: _Optional[_Iterable[_Union[Ring, _Mapping]]] = ...) -> None: ...
+
+class Ring(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, points: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class OcrQuad(_message.Message):
     __slots__ = ("points", "text")
@@ -268,7 +309,7 @@ class Result(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    task: Task
+    task: TaskType
     text: str
     boxes: _containers.RepeatedCompositeFieldContainer[Box]
     polygons: _containers.RepeatedCompositeFieldContainer[Polygon]
@@ -282,7 +323,24 @@ class Result(_message.Message):
     timings: Timings
     generated_tokens: int
     batch_size: int
-    def __init__(self, task: _Optional[_Union[Task, str]] = ..., text: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., ocr: _Optional[_Iterable[_Union[OcrQuad, _Mapping]]] = ..., raw_text: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., worker_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, task: _Optional[_Union[TaskType, str]] = ..., text: _Optional[str] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ..., polygons: _Optional[_Iterable[_Union[Polygon, _Mapping]]] = ..., ocr: _Optional[_Iterable[_Union[OcrQuad, _Mapping]]] = ..., raw_text: _Optional[str] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., worker_id: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., generated_tokens: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class JobError(_message.Message):
+    __slots__ = ("reason", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, reason: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("event_id", "job_id", "type", "state", "result", "error", "time")
@@ -298,9 +356,9 @@ class JobEvent(_message.Message):
     type: EventType
     state: JobState
     result: Result
-    error: str
+    error: JobError
     time: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., job_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, event_id: _Optional[str] = ..., job_id: _Optional[str] = ..., type: _Optional[_Union[EventType, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "request_id", "model", "task", "state", "result", "error", "created_time", "deadline", "worker_id")
@@ -317,14 +375,14 @@ class Job(_message.Message):
     job_id: str
     request_id: str
     model: str
-    task: Task
+    task: TaskType
     state: JobState
     result: Result
-    error: str
+    error: JobError
     created_time: _timestamp_pb2.Timestamp
     deadline: _timestamp_pb2.Timestamp
     worker_id: str
-    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[Task, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[str] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
     __slots__ = ("worker_id", "host", "device", "dtype", "attention", "batch_size", "model_id", "model_revision", "random_weights", "jobs_done", "generate_calls", "state")
@@ -355,15 +413,25 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., batch_size: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., random_weights: _Optional[bool] = ..., jobs_done: _Optional[int] = ..., generate_calls: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "workers", "live_workers", "queue_depth", "random_weights")
+    __slots__ = ("name", "workers", "live_workers", "queue_depth", "random_weights", "kind", "tasks", "max_new_tokens", "max_text_tokens", "limits")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     RANDOM_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
     name: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     live_workers: int
     queue_depth: int
     random_weights: bool
-    def __init__(self, name: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., live_workers: _Optional[int] = ..., queue_depth: _Optional[int] = ..., random_weights: _Optional[bool] = ...) -> None: ...
+    kind: ModelKind
+    tasks: _containers.RepeatedScalarFieldContainer[TaskType]
+    max_new_tokens: int
+    max_text_tokens: int
+    limits: ServiceLimits
+    def __init__(self, name: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., live_workers: _Optional[int] = ..., queue_depth: _Optional[int] = ..., random_weights: _Optional[bool] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskType, str]]] = ..., max_new_tokens: _Optional[int] = ..., max_text_tokens: _Optional[int] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...

@@ -31,6 +31,12 @@ class Florence2ServiceStub:
     Submit enqueues a job and returns at once; Run submits and streams the job's events; Watch
     streams the events of an existing job after a given event id, so a client that reconnects
     misses nothing. Job state and results outlive the connection for the server's result TTL.
+
+    Errors: every failed call carries a google.rpc.Status in the `grpc-status-details-bin` trailer
+    with a google.rpc.ErrorInfo (domain "florence2-serve.v1", a stable `reason` such as
+    NO_LIVE_WORKER or IMAGE_TOO_LARGE), plus google.rpc.BadRequest field violations for bad
+    arguments and google.rpc.RetryInfo on UNAVAILABLE. A failed job's terminal event carries the same
+    reasons in JobError. The README lists every reason.
     """
 
     def __init__(self, channel):
@@ -77,10 +83,17 @@ class Florence2ServiceServicer:
     Submit enqueues a job and returns at once; Run submits and streams the job's events; Watch
     streams the events of an existing job after a given event id, so a client that reconnects
     misses nothing. Job state and results outlive the connection for the server's result TTL.
+
+    Errors: every failed call carries a google.rpc.Status in the `grpc-status-details-bin` trailer
+    with a google.rpc.ErrorInfo (domain "florence2-serve.v1", a stable `reason` such as
+    NO_LIVE_WORKER or IMAGE_TOO_LARGE), plus google.rpc.BadRequest field violations for bad
+    arguments and google.rpc.RetryInfo on UNAVAILABLE. A failed job's terminal event carries the same
+    reasons in JobError. The README lists every reason.
     """
 
     def Submit(self, request, context):
-        """Enqueue a job. Idempotent per request_id: the same request_id returns the same job.
+        """Enqueue a job. Idempotent per request_id: a known request_id returns its job before anything
+        else is checked; the same request_id with a different payload is refused (REQUEST_ID_REUSED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +115,7 @@ class Florence2ServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """A job's state and, once done, its result.
+        """A job's state and, once done, its result; by job_id or by the request_id it was submitted with.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +130,8 @@ class Florence2ServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """Models with their live workers and queue depth.
+        """Models with what they serve (kind, tasks, limits), their live workers and queue depth, and the
+        service's input limits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,6 +184,12 @@ class Florence2Service:
     Submit enqueues a job and returns at once; Run submits and streams the job's events; Watch
     streams the events of an existing job after a given event id, so a client that reconnects
     misses nothing. Job state and results outlive the connection for the server's result TTL.
+
+    Errors: every failed call carries a google.rpc.Status in the `grpc-status-details-bin` trailer
+    with a google.rpc.ErrorInfo (domain "florence2-serve.v1", a stable `reason` such as
+    NO_LIVE_WORKER or IMAGE_TOO_LARGE), plus google.rpc.BadRequest field violations for bad
+    arguments and google.rpc.RetryInfo on UNAVAILABLE. A failed job's terminal event carries the same
+    reasons in JobError. The README lists every reason.
     """
 
     @staticmethod

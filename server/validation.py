@@ -1,0 +1,146 @@
+"""Submit's checks, in the order AIP-155 and a bounded front end need them. Each raises ServiceError.
+
+1. identifiers (`check_request_id`, `check_job_id`): bounded formats, checked before any lookup;
+2. the request itself (`check_spec`): every field's bound that does not depend on the model;
+3. the model (`check_for_model`): the task is served, token limits hold (text counted in tokens);
+4. the image (front end's ImageGate): size, format, pixels, decodability, region inside it.
+Messages quote user input only as a short prefix (common/errors.quote).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import grpc
+
+from florence2_serve.common import redis_layout as layout
+from florence2_serve.common.redis_layout import MAX_PRIORITY
+from florence2_serve.common.errors import Reason, quote
+from florence2_serve.common.generation import MAX_NUM_BEAMS, GenerationError, GenerationSettings
+from florence2_serve.common.model_arg import MAX_MODEL_NAME
+from florence2_serve.common.proto_enums import task_from_proto
+from florence2_serve.common.tasks import SPECS, Input, Task, validate_inputs
+from florence2_serve.v1 import florence2_pb2 as pb
+
+from .capabilities import ModelCapabilities
+from .errors import ServiceError, invalid
+
+MAX_REQUEST_ID = 128
+REQUEST_ID = re.compile(rf"[A-Za-z0-9._~:-]{{1,{MAX_REQUEST_ID}}}")
+JOB_ID = re.compile(r"[0-9a-f]{32}")
+MODEL_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_NAME}}}")
+# Text longer than this is refused before it is tokenized (no model takes a tenth of it).
+MAX_TEXT_BYTES = 64 * 1024
+# Region coordinates: finite, and no image is larger than this on a side.
+MAX_COORDINATE = 1_000_000
+
+
+def check_request_id(request_id: str, field: str = "job.request_id") -> None:
+    if request_id and not REQUEST_ID.fullmatch(request_id):
+        raise invalid(field, f"request_id {quote(request_id)} must be 1 to {MAX_REQUEST_ID} characters of "
+                             "A-Z a-z 0-9 . _ ~ : - (a UUID fits)")
+
+
+def check_job_id(job_id: str, field: str = "job_id") -> None:
+    if not job_id:
+        raise invalid(field, "job_id is required")
+    if not JOB_ID.fullmatch(job_id):
+        raise invalid(field, f"job_id {quote(job_id)} is not a job id (32 lowercase hex digits, as Submit returns)")
+
+
+def check_model_name(model: str) -> None:
+    if not model:
+        raise invalid("job.model", "model is required (see ListModels)")
+    if not MODEL_NAME.fullmatch(model):
+        raise invalid("job.model", f"model {quote(model)} is not a model name (1 to {MAX_MODEL_NAME} characters "
+                                   "of A-Z a-z 0-9 . _ -; see ListModels)")
+
+
+@dataclass(frozen=True)
+class CheckedSpec:
+    task: Task
+    generation: dict  # only the options the client set
+    settings: GenerationSettings
+    region: list[float] | None
+    timeout_s: float | None
+
+
+def _generation(options: pb.GenerationOptions) -> dict:
+    values = {
+        "num_beams": options.num_beams, "max_new_tokens": options.max_new_tokens,
+        "min_new_tokens": options.min_new_tokens, "repetition_penalty": options.repetition_penalty,
+    }
+    return {key: value for key, value in values.items() if value}
+
+
+def check_spec(spec: pb.JobSpec, max_image_bytes: int) -> CheckedSpec:
+    """Every bound of the request that holds whatever the model."""
+    check_model_name(spec.model)
+    check_request_id(spec.request_id)
+    try:
+        task = task_from_proto(spec.task)
+    except ValueError as exc:
+        raise invalid("job.task", str(exc)) from None
+    if len(spec.text.encode("utf-8")) > MAX_TEXT_BYTES:
+        raise invalid("job.text", f"text is {len(spec.text.encode('utf-8'))} bytes, over the limit of "
+                                  f"{MAX_TEXT_BYTES} bytes", Reason.TOKEN_LIMIT)
+    region = None
+    if spec.HasField("region"):
+        region = [spec.region.x1, spec.region.y1, spec.region.x2, spec.region.y2]
+        if not all(abs(v) <= MAX_COORDINATE for v in region):  # also false for NaN
+            raise invalid("job.region", "region coordinates must be finite pixel positions",
+                          Reason.REGION_OUT_OF_BOUNDS)
+    try:
+        validate_inputs(task, spec.text, tuple(region) if region else None)
+    except ValueError as exc:
+        field = "job.region" if "region" in str(exc) else "job.text"
+        raise invalid(field, str(exc)) from None
+    generation = _generation(spec.generation)
+    try:
+        settings = GenerationSettings.from_options(generation)
+    except GenerationError as exc:
+        raise invalid(f"job.generation.{exc.field}", str(exc)) from None
+    try:
+        layout.check_priority(spec.priority)
+    except ValueError as exc:
+        raise invalid("job.priority", str(exc)) from None
+    timeout_s = None
+    if spec.HasField("timeout"):
+        timeout_s = spec.timeout.ToTimedelta().total_seconds()
+        if timeout_s <= 0:
+            raise invalid("job.timeout", f"timeout must be positive, got {timeout_s:g} s")
+    if not spec.image:
+        raise invalid("job.image", "image is required (the encoded bytes of a JPEG, PNG, WebP, BMP, GIF or TIFF)",
+                      Reason.IMAGE_UNREADABLE)
+    if len(spec.image) > max_image_bytes:
+        raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, Reason.IMAGE_TOO_LARGE,
+                           f"image is {len(spec.image)} bytes, over the limit of {max_image_bytes} bytes",
+                           violations=[("job.image", "over the byte limit")],
+                           metadata={"limit_bytes": max_image_bytes})
+    if SPECS[task].input is not Input.REGION:
+        region = None
+    return CheckedSpec(task, generation, settings, region, timeout_s)
+
+
+def check_for_model(spec: pb.JobSpec, checked: CheckedSpec, model: ModelCapabilities) -> None:
+    """The model serves the task and its limits hold (text tokens are checked by the caller: async)."""
+    if checked.task not in model.tasks:
+        served = ", ".join(sorted(task.name for task in model.tasks)) or "none"
+        raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.TASK_NOT_SUPPORTED,
+                           f"model {spec.model!r} does not serve task {checked.task.name}; it serves: {served}",
+                           violations=[("job.task", "not served by this model")],
+                           metadata={"model": spec.model, "task": checked.task.name})
+    limit = model.max_new_tokens
+    requested = checked.settings.max_new_tokens
+    if limit and requested > limit:
+        raise invalid("job.generation.max_new_tokens",
+                      f"max_new_tokens {requested} exceeds the limit of model {spec.model!r} ({limit})",
+                      Reason.TOKEN_LIMIT, limit=limit)
+
+
+def check_text_tokens(spec: pb.JobSpec, tokens: int, model: ModelCapabilities) -> None:
+    limit = model.max_text_tokens
+    if limit and tokens > limit:
+        raise invalid("job.text", f"text is {tokens} tokens, over the limit of model {spec.model!r} ({limit})",
+                      Reason.TOKEN_LIMIT, limit=limit)
