@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from florence2_serve.common.tasks import Task
+from florence2_serve.common.tasks import FLORENCE_TASKS, Task
 from florence2_serve.v1 import florence2_pb2 as pb
 
 _KINDS = {"native": pb.MODEL_KIND_FLORENCE2, "remote": pb.MODEL_KIND_FLORENCE2, "yolo": pb.MODEL_KIND_YOLOV8,
@@ -39,8 +39,15 @@ class ModelCapabilities:
         )
 
 
+# What a registration without a task list (a worker of an older version) serves, by its kind.
+_TASKS_OF_KIND = {"native": frozenset(FLORENCE_TASKS), "remote": frozenset(FLORENCE_TASKS),
+                  "yolo": frozenset({Task.DETECT})}
+
+
 def _tasks(fields: dict) -> frozenset[Task]:
-    names = [name for name in fields.get("tasks", "").split(",") if name]
+    if "tasks" not in fields:
+        return _TASKS_OF_KIND.get(fields.get("kind", ""), frozenset(Task))
+    names = [name for name in fields["tasks"].split(",") if name]
     return frozenset(Task[name] for name in names if name in Task.__members__)
 
 

@@ -14,17 +14,19 @@ import time
 
 import grpc
 
-from florence2_serve.common.errors import Reason
+from florence2_serve.common.errors import Reason, quote
+from florence2_serve.common.generation import MAX_NUM_BEAMS
 from florence2_serve.common.images import ImageLimits
+from florence2_serve.common.model_arg import MAX_MODEL_NAME
 from florence2_serve.common.proto_enums import state_to_proto, task_to_proto
-from florence2_serve.common.redis_layout import Event, EventType, JobState
+from florence2_serve.common.redis_layout import MAX_PRIORITY, Event, EventType, JobState
 from florence2_serve.common.rq_bridge import QueueFull
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 from . import convert, metrics, validation
 from .capabilities import ModelCapabilities
-from .errors import ServiceError, internal, not_found, store_unavailable, unavailable
+from .errors import ServiceError, internal, invalid, not_found, store_unavailable, unavailable
 from .events import BadEventId
 from .image_gate import ImageGate
 from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, UnknownJob, new_job_id, new_record
@@ -71,7 +73,7 @@ def _guarded_stream(method):
 def _reused(request_id: str) -> ServiceError:
     return ServiceError(
         grpc.StatusCode.ALREADY_EXISTS, Reason.REQUEST_ID_REUSED,
-        f"request_id {validation.quote(request_id)} was already used for a different request (another task, "
+        f"request_id {quote(request_id)} was already used for a different request (another task, "
         "text, region, options or image); use a new request_id for a new request",
         violations=[("job.request_id", "already used with a different payload")])
 
@@ -93,8 +95,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         return pb.ServiceLimits(
             max_image_bytes=s.max_image_bytes, max_image_pixels=s.max_image_pixels,
             max_message_bytes=s.max_message_bytes, max_request_id_length=validation.MAX_REQUEST_ID,
-            max_model_name_length=validation.MAX_MODEL_NAME, max_num_beams=validation.MAX_NUM_BEAMS,
-            max_priority=validation.MAX_PRIORITY)
+            max_model_name_length=MAX_MODEL_NAME, max_num_beams=MAX_NUM_BEAMS, max_priority=MAX_PRIORITY)
 
     # -- submission ------------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
             async for message in self._relay(request.job_id, stream, pb.WatchResponse):
                 yield message
         except BadEventId as exc:
-            raise validation.invalid("after_event_id", str(exc)) from None
+            raise invalid("after_event_id", str(exc)) from None
         except EventIdOutOfRange as exc:
             raise ServiceError(grpc.StatusCode.OUT_OF_RANGE, Reason.EVENT_ID_OUT_OF_RANGE, str(exc)) from None
 
@@ -223,12 +224,12 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
     @_guarded_unary
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
         if request.job_id and request.request_id:
-            raise validation.invalid("request_id", "give job_id or request_id, not both")
+            raise invalid("request_id", "give job_id or request_id, not both")
         if request.request_id:
             validation.check_request_id(request.request_id, "request_id")
             found = await self.store.find_request(request.request_id)
             if found is None:
-                raise not_found(f"no job was submitted with request_id {validation.quote(request.request_id)} "
+                raise not_found(f"no job was submitted with request_id {quote(request.request_id)} "
                                 f"(or it expired {self.settings.result_ttl_s} s after it last changed)")
             job_id = found[0]
         else:

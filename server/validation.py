@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import grpc
 
 from florence2_serve.common import redis_layout as layout
-from florence2_serve.common.redis_layout import MAX_PRIORITY
 from florence2_serve.common.errors import Reason, quote
-from florence2_serve.common.generation import MAX_NUM_BEAMS, GenerationError, GenerationSettings
+from florence2_serve.common.generation import GenerationError, GenerationSettings
 from florence2_serve.common.model_arg import MAX_MODEL_NAME
 from florence2_serve.common.proto_enums import task_from_proto
 from florence2_serve.common.tasks import SPECS, Input, Task, validate_inputs

@@ -120,12 +120,18 @@ def test_max_new_tokens_beyond_the_model_limit_fails_alone(tiny_loaded):
                                  InferenceRequest(lesson_images()[0], Task.CAPTION,
                                                   generation=GenerationSettings(max_new_tokens=16))])
     assert "exceeds this model's limit" in outcomes[0].error.message and outcomes[1].result is not None
-    assert outcomes[0].error.reason == "TOKEN_LIMIT" and outcomes[0].error.metadata == {"limit": "1086"}
+    assert outcomes[0].error.reason == "TOKEN_LIMIT" and outcomes[0].error.metadata == {"limit": "1088"}
+
+
+def test_the_token_limit_is_the_decoder_positions(tiny_loaded):
+    # N new tokens feed decoder positions 0..N-1: the tiny model's 1088 positions generate 1088 tokens.
+    assert Florence2Engine(tiny_loaded).max_new_tokens_limit == tiny_loaded.model.config.text_config.max_position_embeddings
 
 
 def test_text_over_the_token_budget_fails_alone_and_the_budget_leaves_room(tiny_loaded):
     engine = Florence2Engine(tiny_loaded)
-    assert 0 < engine.max_text_tokens < 1088 - 17  # the positions minus the image tokens and a prompt
+    # The positions less the image tokens (5 for the tiny model's 64-px input) and the longest prompt.
+    assert 1088 - 5 - 20 < engine.max_text_tokens < 1088 - 5
     long_text = "car " * (engine.max_text_tokens + 10)
     outcomes = engine.run_batch([
         InferenceRequest(lesson_images()[0], Task.CAPTION_TO_PHRASE_GROUNDING, text=long_text,

@@ -219,14 +219,14 @@ def test_job_timeout_expires_queued_and_running_jobs(valkey, front_end_factory, 
         queued_id = client.submit(queued).job_id
         assert types_of(client.watch(blocker))[-1] == "DONE"
         events = list(client.watch(queued_id))
-        assert types_of(events) == ["QUEUED", "FAILED"] and "before the job ran" in events[-1].error
+        assert types_of(events) == ["QUEUED", "EXPIRED"] and "before the job ran" in events[-1].error.message
         assert client.get_job(queued_id).state == pb.JOB_STATE_EXPIRED
 
         running = job_spec(tiny_png, "one", "CAPTION", **hold(3000))
         running.timeout.CopyFrom(Duration(nanos=500_000_000))
         started = time.monotonic()
         events = list(client.watch(client.submit(running).job_id))
-        assert types_of(events) == ["QUEUED", "STARTED", "FAILED"] and "while running" in events[-1].error
+        assert types_of(events) == ["QUEUED", "STARTED", "EXPIRED"] and "while running" in events[-1].error.message
         assert events[-1].state == pb.JOB_STATE_EXPIRED and time.monotonic() - started < 2.5
 
         for bad in (Duration(seconds=-1), Duration(seconds=0)):
@@ -245,7 +245,8 @@ def test_server_job_timeout_stops_a_running_job_and_names_the_limit(valkey, fron
         started = time.monotonic()
         events = list(client.run(job_spec(tiny_png, "nop", "CAPTION", **hold(4000))))
         assert types_of(events) == ["QUEUED", "STARTED", "FAILED"]
-        assert "job timeout of 1 s" in events[-1].error and events[-1].state == pb.JOB_STATE_FAILED
+        assert "job timeout of 1 s" in events[-1].error.message and events[-1].state == pb.JOB_STATE_FAILED
+        assert events[-1].error.reason == "JOB_TIMEOUT"
         assert time.monotonic() - started < 3.0
 
 
@@ -373,7 +374,7 @@ def test_dead_workers_job_reruns_within_seconds_with_default_settings(valkey, fr
         killed = time.time()
         events = list(client.watch(victim, timeout=30))
         assert types_of(events) == ["QUEUED", "STARTED", "QUEUED", "STARTED", "RESULT", "DONE"]
-        assert "stopped heartbeating" in events[2].error
+        assert "stopped heartbeating" in events[2].error.message and events[2].error.reason == "WORKER_LOST"
         rerun = events[3].time.ToNanoseconds() / 1e9
         # heartbeat TTL 4 s (expiry read in whole seconds) + maintenance every 1 s + an idle worker's 0.5 s wait
         assert rerun - killed < 9.0, f"re-run {rerun - killed:.1f} s after its worker died"

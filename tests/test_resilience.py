@@ -106,7 +106,7 @@ def test_job_of_a_dead_worker_is_rerun_then_failed_when_it_keeps_dying(valkey, t
             third = WorkerProcess(url, model, *FAST_RECOVERY, log_dir=tmp_path, worker_id="crash-3").wait_registered()
             workers.append(third)
             events = list(client.watch(job_id, timeout=60))
-            assert events[-1].type == pb.EVENT_TYPE_FAILED and "died" in events[-1].error
+            assert events[-1].type == pb.EVENT_TYPE_FAILED and "died" in events[-1].error.message
             assert client.get_job(job_id).state == pb.JOB_STATE_FAILED
 
             # A job whose first worker dies is re-run and succeeds.

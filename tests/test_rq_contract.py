@@ -20,6 +20,7 @@ from rq.results import Result
 from rq.serializers import JSONSerializer
 
 from florence2_serve.common import redis_layout as layout
+from florence2_serve.common.errors import JobError
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord
 from florence2_serve.server.redis_pipe import PipelinedRedis
@@ -38,7 +39,8 @@ class FakeEngine(NoopEngine):
         outcomes = super().run_batch(requests)
         for outcome in outcomes:
             if outcome.request.text == "fail":
-                outcome.result, outcome.error = None, "inference failed: the fake engine was asked to fail"
+                outcome.result = None
+                outcome.error = JobError("INFERENCE_FAILED", "inference failed: the fake engine was asked to fail")
         return outcomes
 
 
@@ -173,7 +175,8 @@ def test_abandoned_job_without_retries_ends_failed_with_the_reason(connection, s
         timestamp=time.time() + 60)
     assert Job.fetch(job_id, connection=connection, serializer=JSONSerializer).get_status() == JobStatus.FAILED
     events = [Event.from_entry(i, f) for i, f in connection.xrange(layout.events_key(job_id))]
-    assert events[-1].type is EventType.FAILED and "died" in events[-1].error
+    assert events[-1].type is EventType.FAILED and "died" in JobError.decode(events[-1].error).message
+    assert JobError.decode(events[-1].error).reason == "WORKER_LOST"
 
 
 def test_a_job_whose_terminal_event_is_written_never_runs_again(connection, submit, burst_worker):
@@ -261,7 +264,7 @@ def test_engine_that_changes_the_batch_size_fails_the_batch_loudly(connection, s
     burst_worker(Shrinking())
     for job_id in ids:
         events = [Event.from_entry(i, f) for i, f in connection.xrange(layout.events_key(job_id))]
-        assert events[-1].type is EventType.FAILED and "BatchSizeError" in events[-1].error
+        assert events[-1].type is EventType.FAILED and JobError.decode(events[-1].error).reason == "INFERENCE_FAILED"
 
 
 def test_rq_sees_our_workers_and_queues(connection, submit):

@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from florence2_serve.common.tasks import Task
+from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.worker.backends import create_engine
 from florence2_serve.worker.inference import InferenceRequest
 from florence2_serve.worker.model_builder import lesson_images
@@ -39,7 +40,7 @@ def test_built_yolo_loads_as_yolo_kind_and_detects_in_batches(yolo_dir):
     assert engine.generate_calls == 1
     for image, outcome in zip(images, outcomes):
         result = outcome.result
-        assert result.task == "DETECT" and (result.image_width, result.image_height) == image.size
+        assert result.task == pb.TASK_TYPE_DETECT and (result.image_width, result.image_height) == image.size
         assert result.boxes and result.batch_size == 3
         for box in result.boxes:
             assert 0 <= box.x1 <= box.x2 <= image.width and 0 <= box.y1 <= box.y2 <= image.height
@@ -52,7 +53,8 @@ def test_florence_task_on_yolo_fails_alone(yolo_dir):
     engine = create_engine(load_model(str(yolo_dir), LoadOptions(device="cpu")))
     car = lesson_images()[0]
     outcomes = engine.run_batch([InferenceRequest(car, Task.OD), InferenceRequest(car, Task.DETECT)])
-    assert "needs a Florence-2 worker" in outcomes[0].error and outcomes[1].result is not None
+    assert "needs a Florence-2 worker" in outcomes[0].error.message and outcomes[1].result is not None
+    assert outcomes[0].error.reason == "TASK_NOT_SUPPORTED"
 
 
 def test_missing_yolo_file_is_a_clear_error(tmp_path):
@@ -83,9 +85,11 @@ def test_detect_through_the_service(yolo_dir, tmp_path):
             assert (result.image_width, result.image_height) == (640, 480) and result.worker_id == "yolo-w1"
             with pytest.raises(grpc.RpcError) as error:
                 client.submit(job_spec(buffer.getvalue(), "yolo", Task.OD))
-            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "DETECT only" in error.value.details()
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "it serves: DETECT" in error.value.details()
             models = {m.name: m for m in client.list_models()}
             assert models["yolo"].random_weights and models["yolo"].workers[0].attention == "-"
+            assert models["yolo"].kind == pb.MODEL_KIND_YOLOV8 and list(models["yolo"].tasks) == [pb.TASK_TYPE_DETECT]
+            assert models["yolo"].max_new_tokens == 0 and models["yolo"].max_text_tokens == 0
     finally:
         assert worker.stop() == 0
         front.stop()

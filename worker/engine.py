@@ -51,8 +51,9 @@ class Florence2Engine:
         self.last_decoding_steps = 0
         text_config = getattr(loaded.model.config, "text_config", None)
         positions = getattr(text_config, "max_position_embeddings", 0) or 0
-        # BART's learned positions hold the decoder start token too.
-        self.max_new_tokens_limit = max(0, positions - 2)
+        # N new tokens feed decoder positions 0..N-1 (the decoder start token at 0; the last token is
+        # never fed back): measured on the tiny model, 1088 positions generate 1088 tokens, 1089 fail.
+        self.max_new_tokens_limit = positions
         self.max_text_tokens = _text_budget(loaded.processor, positions)
         self.tasks = list(FLORENCE_TASKS)
 
