@@ -53,7 +53,7 @@ def serve() -> None:
 
 
 async def python_client(address: str, method: str, rpcs: int, clients: int) -> float:
-    from florence2_serve.client.client import AsyncFlorence2Client, job_spec
+    from florence2_serve.client import AsyncFlorence2Client, job_spec
 
     image = b"\x89PNG" + b"\0" * 100
     async with AsyncFlorence2Client(address, timeout=60) as client:

@@ -90,7 +90,7 @@ def stop(process: subprocess.Popen) -> None:
 # -- clients (run in their own process) -----------------------------------------------------------
 
 async def python_client(address: str, model: str, jobs: int, clients: int, image: bytes) -> dict:
-    from florence2_serve.client.client import AsyncFlorence2Client, job_spec
+    from florence2_serve.client import AsyncFlorence2Client, job_spec
 
     async with AsyncFlorence2Client(address, timeout=120) as client:
         left = [jobs]

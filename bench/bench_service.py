@@ -85,7 +85,7 @@ def sequential(client, image: bytes, settings, n: int) -> list[float]:
 
 
 async def concurrent(address: str, image: bytes, settings, clients: int, total: int) -> float:
-    from florence2_serve.client.client import AsyncFlorence2Client
+    from florence2_serve.client import AsyncFlorence2Client
 
     async with AsyncFlorence2Client(address, timeout=300) as client:
         remaining = [total]
@@ -141,7 +141,7 @@ def main() -> None:
     try:
         address = f"127.0.0.1:{wait_for_port(OUT / 'service-front.log', front)}"
         wait_for_workers(valkey.connection_url, ["bench"])
-        from florence2_serve.client.client import Florence2Client
+        from florence2_serve.client import Florence2Client
 
         base_times, times = [], []
         with Florence2Client(address, timeout=60) as client:

@@ -33,13 +33,19 @@ def cli(verbose: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--model", default=None, help="Also load this checkpoint (path or hub id) and run one generate.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True)
-def doctor(as_json: bool, model: str | None, device: str, attention: str) -> None:
-    """Versions, CUDA, flash-attn status, what this environment can run. Exit 1 when broken."""
+@click.option("--device", default="auto", show_default=True, help="Device for --model: auto, cpu, cuda:0, ...")
+@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default="eager", show_default=True,
+              help="Attention implementation for --model.")
+@click.option("--redis-url", envvar="REDIS_URL", default=None,
+              help="Also check this Redis: reachable, version, persistence (env REDIS_URL).")
+@click.option("--server", default=None, help="Also check a running front end at host:port: health and models.")
+def doctor(as_json: bool, model: str | None, device: str, attention: str, redis_url: str | None,
+           server: str | None) -> None:
+    """Versions, CUDA, flash-attn status, optional extras, what this environment can run; with flags, a
+    Redis, a running server and a model load. Exit 1 when something is broken."""
     from florence2_serve.worker.doctor import collect, render
 
-    report = collect(model=model, device=device, attention=attention)
+    report = collect(model=model, device=device, attention=attention, redis_url=redis_url, server=server)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
     sys.exit(0 if report["ok"] else 1)
 
@@ -52,18 +58,22 @@ def doctor(as_json: bool, model: str | None, device: str, attention: str) -> Non
 @click.option("--yolo", is_flag=True, help="Build a YOLOv8n from its config instead (needs the yolo extra).")
 def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) -> None:
     """Build a Florence-2 (or YOLOv8) checkpoint offline, with random weights (marked as such)."""
-    if yolo:
-        from florence2_serve.worker.yolo import build_yolo
+    from rich.console import Console
 
-        path = build_yolo(directory)
-    elif remote_code:
-        from florence2_serve.worker.fixtures import build_remote_code
+    what = "YOLOv8n" if yolo else ("tiny remote-code Florence-2" if remote_code else f"{size} Florence-2")
+    with Console(stderr=True).status(f"building a {what} with random weights in {directory} …"):
+        if yolo:
+            from florence2_serve.worker.yolo import build_yolo
 
-        path = build_remote_code(directory)
-    else:
-        from florence2_serve.worker.model_builder import build_native
+            path = build_yolo(directory)
+        elif remote_code:
+            from florence2_serve.worker.fixtures import build_remote_code
 
-        path = build_native(directory, size=size)
+            path = build_remote_code(directory)
+        else:
+            from florence2_serve.worker.model_builder import build_native
+
+            path = build_native(directory, size=size)
     click.echo(str(path))
 
 
@@ -72,14 +82,16 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
               help="[NAME=]PATH_OR_ID of the model this worker holds (a bare path is named after its last part).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis URL (env REDIS_URL).")
 @click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
-@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None)
-@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None,
+              help="Weights dtype; auto: fp16 on CUDA, fp32 on CPU.")
+@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None,
+              help="Attention implementation (default eager; never flash-attn).")
 @click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None,
               help="Checkpoint kind; auto reads config.json (auto_map means remote code). "
                    "noop: no model, empty results at once (for measuring the service itself).")
 @click.option("--batch-size", type=int, default=None, help="Most jobs per generate (default 8).")
 @click.option("--batch-wait-ms", type=float, default=None, help="Under load, wait this long to fill a batch (default 5).")
-@click.option("--worker-id", default=None)
+@click.option("--worker-id", default=None, help="This worker's id in Redis and ListModels (default host-pid-random).")
 @click.option("--job-heartbeat-ttl", "job_heartbeat_ttl_s", type=int, default=None,
               help="Seconds without heartbeat after which a held job counts as abandoned (default 4).")
 @click.option("--maintenance-interval", "maintenance_interval_s", type=float, default=None,
@@ -110,9 +122,14 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
 def _server_options(function):
     for option in reversed([
         click.option("--address", default=None, help="host:port to listen on (env FLORENCE2_ADDRESS)."),
-        click.option("--max-message-bytes", type=int, default=None),
-        click.option("--max-image-pixels", type=int, default=None),
-        click.option("--max-queue-depth", type=int, default=None),
+        click.option("--max-message-bytes", type=int, default=None,
+                     help="gRPC message limit (env FLORENCE2_MAX_MESSAGE_BYTES; default 32 MiB)."),
+        click.option("--max-image-bytes", type=int, default=None,
+                     help="Largest encoded image (env FLORENCE2_MAX_IMAGE_BYTES; default 30 MiB)."),
+        click.option("--max-image-pixels", type=int, default=None,
+                     help="Largest image in pixels (env FLORENCE2_MAX_IMAGE_PIXELS; default 50,000,000)."),
+        click.option("--max-queue-depth", type=int, default=None,
+                     help="Jobs a model's queues may hold (env FLORENCE2_MAX_QUEUE_DEPTH; default 10,000)."),
         click.option("--result-ttl", "result_ttl_s", type=int, default=None, help="Seconds jobs and results are kept."),
         click.option("--job-timeout", "job_timeout_s", type=int, default=None,
                      help="Longest a job may run once started (env FLORENCE2_JOB_TIMEOUT; default 3600, 0: none)."),
@@ -124,7 +141,8 @@ def _server_options(function):
 
 
 @cli.command()
-@click.option("--redis-url", envvar="REDIS_URL", default=None)
+@click.option("--redis-url", envvar="REDIS_URL", default=None,
+              help="Redis the workers share (env REDIS_URL; default redis://127.0.0.1:6379/0).")
 @_server_options
 def serve(redis_url, **options):
     """The gRPC front end alone (workers run elsewhere, pointed at the same Redis)."""
@@ -147,9 +165,13 @@ def serve(redis_url, **options):
               default=["base=florence-community/Florence-2-base"], show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Workers per model.")
 @click.option("--device", default=None, help="Worker device (auto, cpu, cuda:0, ...).")
-@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None)
+@click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None,
+              help="Workers' weights dtype; auto: fp16 on CUDA, fp32 on CPU.")
+@click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None,
+              help="Workers' attention implementation (default eager).")
+@click.option("--batch-size", type=int, default=None, help="Most jobs per generate, per worker (default 8).")
+@click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None,
+              help="Checkpoint kind (default auto: read from config.json).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL) instead of starting an embedded one.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FLORENCE2_DATA_DIR",
@@ -157,7 +179,7 @@ def serve(redis_url, **options):
                                  "default $XDG_DATA_HOME/florence2-serve/redis (env FLORENCE2_DATA_DIR).")
 @click.option("--in-memory", is_flag=True, help="Embedded Redis keeps nothing across restarts.")
 @_server_options
-def up(models, workers, device, attention, batch_size, kind, redis_url, data_dir, in_memory, address,
+def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, data_dir, in_memory, address,
        **server_options):
     """Everything on one machine: Redis (embedded unless --redis-url), front end, N workers per model.
 
@@ -170,8 +192,8 @@ def up(models, workers, device, attention, batch_size, kind, redis_url, data_dir
     from florence2_serve.server.stack import LocalStack, StackConfig, StackError, default_data_dir
 
     worker_args = []
-    for flag, value in (("--device", device), ("--attention", attention), ("--batch-size", batch_size),
-                        ("--kind", kind)):
+    for flag, value in (("--device", device), ("--dtype", dtype), ("--attention", attention),
+                        ("--batch-size", batch_size), ("--kind", kind)):
         if value is not None:
             worker_args += [flag, str(value)]
     if in_memory and data_dir is not None:
@@ -208,14 +230,30 @@ def up(models, workers, device, attention, batch_size, kind, redis_url, data_dir
         sys.exit(1)
 
 
-def _add_client_commands() -> None:
-    from .cli_client import detect, health, job, models
+def _verbose(ctx, _param, value) -> None:
+    if value:
+        logging.getLogger().setLevel(logging.DEBUG)
 
-    for command in (detect, models, job, health):
+
+def _add_client_commands() -> None:
+    from .cli_client import health, job, models
+    from .cli_detect import detect, submit
+
+    for command in (detect, submit, models, job, health):
         cli.add_command(command)
 
 
+def _accept_verbose_everywhere(command: click.Command) -> None:
+    """`-v` after the subcommand too (`florence2 detect -v ...`), not only before it."""
+    command.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True,
+                                       callback=_verbose, help="Debug logging."))
+    for sub in getattr(command, "commands", {}).values():
+        _accept_verbose_everywhere(sub)
+
+
 _add_client_commands()
+for _command in cli.commands.values():
+    _accept_verbose_everywhere(_command)
 
 
 def main() -> None:

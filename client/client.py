@@ -1,110 +1,33 @@
-"""Python client for the florence2.v1 service, sync and asyncio. No torch."""
+"""The blocking client. `with Florence2Client("host:port") as client: client.detect("car.jpg", "base")`.
+
+Calls retry UNAVAILABLE (RetryPolicy); a job's event stream survives a front-end restart: the client
+reconnects and resumes with Watch after the last event it saw, so the caller never notices.
+"""
 
 from __future__ import annotations
 
-import uuid
-from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Iterable, Iterator
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from florence2_serve.common.proto_enums import TASK_PREFIX, TERMINAL_EVENT_TYPES, state_name, task_to_proto
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
-TERMINAL = TERMINAL_EVENT_TYPES
+from .core import STREAM_ENDED, ClientCore, DetectOutcome, InFlight, RunState
+from .errors import Florence2Error, RpcError
+from .image_input import ImageInput
 
 
-class JobFailed(RuntimeError):
-    """The job ended FAILED, CANCELLED or EXPIRED; `reason` is its JobError's stable reason."""
-
-    def __init__(self, job_id: str, state: str, error: str, reason: str = ""):
-        super().__init__(f"job {job_id} {state}: {error}")
-        self.job_id, self.state, self.error, self.reason = job_id, state, error, reason
-
-
-def error_info(exc: grpc.RpcError):
-    """The google.rpc.ErrorInfo of a failed call (its stable `reason`), or None."""
-    from google.rpc import error_details_pb2
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(exc) if hasattr(exc, "trailing_metadata") else None
-    for detail in status.details if status else ():
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info
-    return None
-
-
-def job_spec(image: bytes, model: str, task: Task | str = Task.OD, text: str = "",
-             region: tuple[float, float, float, float] | None = None, request_id: str | None = None,
-             priority: int = 0, num_beams: int = 0, max_new_tokens: int = 0, min_new_tokens: int = 0) -> pb.JobSpec:
-    task = task if isinstance(task, Task) else Task.parse(task)
-    spec = pb.JobSpec(
-        model=model, task=task_to_proto(task), image=image, text=text,
-        request_id=request_id if request_id is not None else uuid.uuid4().hex, priority=priority,
-        generation=pb.GenerationOptions(num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                        min_new_tokens=min_new_tokens),
-    )
-    if region is not None:
-        spec.region.CopyFrom(pb.Region(x1=region[0], y1=region[1], x2=region[2], y2=region[3]))
-    return spec
-
-
-def result_to_dict(result: pb.Result) -> dict:
-    """A Result as plain JSON-friendly data (enum names, all fields present)."""
-    data = MessageToDict(result, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    data["task"] = data["task"].removeprefix(TASK_PREFIX)
-    return data
-
-
-def event_to_dict(event: pb.JobEvent) -> dict:
-    data = MessageToDict(event, preserving_proto_field_name=True)
-    if event.HasField("result"):
-        data["result"] = result_to_dict(event.result)
-    return data
-
-
-@dataclass
-class _Common:
-    address: str
-    token: str = ""
-    timeout: float | None = None
-
-    def _metadata(self):
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
-    def _options(self):
-        return [("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE),
-                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE)]
-
-
-def _outcome(event: pb.JobEvent) -> pb.Result | None:
-    """The result once the stream has decided the job; JobFailed if it failed; None to read on.
-
-    RESULT is written in one transaction with DONE, so seeing it means the job succeeded.
-    """
-    if event.type == pb.EVENT_TYPE_RESULT:
-        return event.result
-    if event.type in TERMINAL and event.type != pb.EVENT_TYPE_DONE:
-        raise JobFailed(event.job_id, state_name(event.state), event.error.message, event.error.reason)
-    return None
-
-
-def _no_result() -> JobFailed:
-    return JobFailed("", "UNKNOWN", "stream ended without a result")
-
-
-class Florence2Client(_Common):
-    """Blocking client. `with Florence2Client("host:port") as client: client.detect(...)`."""
-
-    def __init__(self, address: str, token: str = "", timeout: float | None = None):
-        super().__init__(address, token, timeout)
-        self.channel = grpc.insecure_channel(address, options=self._options())
+class Florence2Client(ClientCore):
+    def __init__(self, address: str | None = None, **settings):
+        super().__init__(address, **settings)
+        credentials = self._credentials()
+        self.channel = (grpc.secure_channel(self.address, credentials, options=self._options()) if credentials
+                        else grpc.insecure_channel(self.address, options=self._options()))
         self.stub = pb_grpc.Florence2ServiceStub(self.channel)
 
     def __enter__(self):
@@ -116,100 +39,161 @@ class Florence2Client(_Common):
     def close(self) -> None:
         self.channel.close()
 
+    # -- unary calls ---------------------------------------------------------------------------------
+
+    def _unary(self, method, request, timeout: float | None = None):
+        attempts = self.retry.start()
+        while True:
+            try:
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata())
+            except grpc.RpcError as exc:
+                error = RpcError.from_grpc(exc)
+                delay = attempts.next_delay(error)
+                if delay is None:
+                    raise error from None
+                time.sleep(delay)
+
     def submit(self, spec: pb.JobSpec, timeout: float | None = None) -> pb.SubmitResponse:
-        return self.stub.Submit(pb.SubmitRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata())
+        return self._unary(self.stub.Submit, pb.SubmitRequest(job=spec), timeout)
 
-    def run(self, spec: pb.JobSpec, timeout: float | None = None) -> Iterator[pb.JobEvent]:
-        for response in self.stub.Run(pb.RunRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata()):
-            yield response.event
-
-    def watch(self, job_id: str, after_event_id: str = "", timeout: float | None = None) -> Iterator[pb.JobEvent]:
-        request = pb.WatchRequest(job_id=job_id, after_event_id=after_event_id)
-        for response in self.stub.Watch(request, timeout=timeout or self.timeout, metadata=self._metadata()):
-            yield response.event
-
-    def get_job(self, job_id: str) -> pb.Job:
-        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout, metadata=self._metadata()).job
+    def get_job(self, job_id: str = "", *, request_id: str = "") -> pb.Job:
+        return self._unary(self.stub.GetJob, pb.GetJobRequest(job_id=job_id, request_id=request_id)).job
 
     def cancel(self, job_id: str) -> pb.CancelJobResponse:
-        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=self.timeout, metadata=self._metadata())
+        return self._unary(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))
 
     def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata()).models)
+        return list(self._unary(self.stub.ListModels, pb.ListModelsRequest()).models)
+
+    def limits(self) -> pb.ServiceLimits:
+        return self._unary(self.stub.ListModels, pb.ListModelsRequest()).limits
 
     def health(self, service: str = "") -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
-        response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 5)
+        response = self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), self.timeout or 5)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
-    def detect(self, image: bytes, model: str, task: Task | str = Task.OD, timeout: float | None = None,
+    # -- event streams -----------------------------------------------------------------------------
+
+    def run(self, spec: pb.JobSpec, timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        """Submit and stream the job's events until it ends, across front-end restarts."""
+        return self._follow(RunState(), spec, timeout)
+
+    def watch(self, job_id: str, after_event_id: str = "", timeout: float | None = None) -> Iterator[pb.JobEvent]:
+        """A job's events after `after_event_id` until it ends, across front-end restarts."""
+        return self._follow(RunState(job_id, after_event_id), None, timeout)
+
+    def _follow(self, state: RunState, spec: pb.JobSpec | None, timeout: float | None) -> Iterator[pb.JobEvent]:
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        attempts = self.retry.start()
+        while True:
+            method, request = state.resume_request(spec)
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            call = getattr(self.stub, method)(request, timeout=remaining, metadata=self._metadata())
+            try:
+                for response in call:
+                    attempts.reset()
+                    state.see(response.event)
+                    yield response.event
+                    if state.done:
+                        return
+                error = STREAM_ENDED
+            except grpc.RpcError as exc:
+                error = RpcError.from_grpc(exc)
+            finally:
+                call.cancel()
+            delay = attempts.next_delay(error)
+            if delay is None:
+                raise error
+            time.sleep(delay)
+
+    # -- results -------------------------------------------------------------------------------------
+
+    def detect(self, image: ImageInput, model: str, task: Task | str = Task.OD, timeout: float | None = None,
                **options) -> pb.Result:
-        """Submit, wait and return the typed Result (JobFailed if the job did not succeed)."""
-        spec = job_spec(image, model, task, **options)
-        call = self.stub.Run(pb.RunRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata())
+        """Run `task` on `image` (bytes, path, PIL image, numpy array, binary file) and return its Result.
+
+        Raises JobFailed when the job ends FAILED, CANCELLED or EXPIRED, RpcError when the service
+        refuses the request; UNAVAILABLE is retried and a broken stream resumed.
+        """
+        state = RunState()
+        for _ in self._follow(state, self.spec(image, model, task, **options), timeout):
+            pass
+        return state.outcome()
+
+    def wait(self, job_id: str, timeout: float | None = None) -> pb.Result:
+        """Wait for a submitted job to end: its Result, or JobFailed."""
+        state = RunState(job_id)
+        for _ in self._follow(state, None, timeout):
+            pass
+        return state.outcome()
+
+    def detect_many(self, images: Iterable[ImageInput], model: str, task: Task | str = Task.OD, *,
+                    concurrency: int = 4, timeout: float | None = None, **options) -> "DetectRun":
+        """Results of many images as they complete (an iterator of DetectOutcome, in completion order),
+        at most `concurrency` jobs in flight; a failing image is an outcome with an error, never an
+        exception. `DetectRun.cancel()` stops the run and cancels its jobs on the server."""
+        return DetectRun(self, images, model, task, concurrency, timeout, options)
+
+
+class DetectRun:
+    def __init__(self, client: Florence2Client, images, model, task, concurrency: int, timeout, options: dict):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.client, self.images, self.model, self.task = client, images, model, task
+        self.concurrency, self.timeout, self.options = concurrency, timeout, options
+        self.in_flight = InFlight()
+
+    def __iter__(self) -> Iterator[DetectOutcome]:
+        source = enumerate(self.images)
+        pending: set[Future] = set()
+        with ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="detect") as pool:
+            try:
+                while True:
+                    while len(pending) < self.concurrency and not self.in_flight.stopped:
+                        item = next(source, None)
+                        if item is None:
+                            break
+                        pending.add(pool.submit(self._one, *item))
+                    if not pending:
+                        return
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            finally:
+                if pending:  # abandoned (an exception, Ctrl-C, or the caller stopped iterating)
+                    self.cancel()
+
+    def _one(self, index: int, image) -> DetectOutcome:
+        outcome = DetectOutcome(index, image)
         try:
-            for response in call:
-                result = _outcome(response.event)
-                if result is not None:
-                    return result
-        finally:
-            call.cancel()  # nothing after RESULT but DONE
-        raise _no_result()
-
-
-class AsyncFlorence2Client(_Common):
-    """asyncio client over grpc.aio."""
-
-    def __init__(self, address: str, token: str = "", timeout: float | None = None):
-        super().__init__(address, token, timeout)
-        self.channel = grpc.aio.insecure_channel(address, options=self._options())
-        self.stub = pb_grpc.Florence2ServiceStub(self.channel)
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.close()
-
-    async def close(self) -> None:
-        await self.channel.close()
-
-    async def submit(self, spec: pb.JobSpec, timeout: float | None = None) -> pb.SubmitResponse:
-        return await self.stub.Submit(pb.SubmitRequest(job=spec), timeout=timeout or self.timeout,
-                                      metadata=self._metadata())
-
-    async def run(self, spec: pb.JobSpec, timeout: float | None = None) -> AsyncIterator[pb.JobEvent]:
-        call = self.stub.Run(pb.RunRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata())
-        async for response in call:
-            yield response.event
-
-    async def watch(self, job_id: str, after_event_id: str = "", timeout: float | None = None):
-        call = self.stub.Watch(pb.WatchRequest(job_id=job_id, after_event_id=after_event_id),
-                               timeout=timeout or self.timeout, metadata=self._metadata())
-        async for response in call:
-            yield response.event
-
-    async def get_job(self, job_id: str) -> pb.Job:
-        response = await self.stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self.timeout, metadata=self._metadata())
-        return response.job
-
-    async def cancel(self, job_id: str) -> pb.CancelJobResponse:
-        return await self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), timeout=self.timeout,
-                                         metadata=self._metadata())
-
-    async def list_models(self) -> list[pb.ModelInfo]:
-        response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata())
-        return list(response.models)
-
-    async def detect(self, image: bytes, model: str, task: Task | str = Task.OD, timeout: float | None = None,
-                     **options) -> pb.Result:
-        spec = job_spec(image, model, task, **options)
-        call = self.stub.Run(pb.RunRequest(job=spec), timeout=timeout or self.timeout, metadata=self._metadata())
+            spec = self.client.spec(image, self.model, self.task, **self.options)
+        except (TypeError, ValueError, OSError) as exc:
+            outcome.error = Florence2Error(str(exc))
+            return outcome
+        outcome.request_id = spec.request_id
+        self.in_flight.started(spec.request_id)
+        state = RunState()
         try:
-            async for response in call:
-                result = _outcome(response.event)
-                if result is not None:
-                    return result
+            for event in self.client._follow(state, spec, self.timeout):
+                self.in_flight.known(spec.request_id, event.job_id)
+            outcome.result = state.outcome()
+        except Florence2Error as exc:
+            outcome.error = exc
         finally:
-            call.cancel()
-        raise _no_result()
+            self.in_flight.ended(spec.request_id)
+            outcome.job_id = state.job_id
+        return outcome
+
+    def cancel(self) -> int:
+        """Submit nothing more and cancel every job still running on the server; how many were cancelled."""
+        self.in_flight.stopped = True
+        cancelled = 0
+        for request_id, job_id in self.in_flight.snapshot():
+            try:
+                job_id = job_id or self.client.get_job(request_id=request_id).job_id
+                cancelled += bool(self.client.cancel(job_id).cancelled)
+            except Florence2Error:
+                continue  # never submitted, or gone: nothing to cancel
+        return cancelled

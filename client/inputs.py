@@ -1,14 +1,38 @@
-"""Expand the CLI's IMAGES|DIRS|GLOBS arguments into image files."""
+"""Expand the CLI's IMAGES|DIRS|GLOBS arguments into image files, each with the relative path its
+outputs are named by."""
 
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
+@dataclass(frozen=True)
+class InputImage:
+    path: Path
+    # Where outputs about it go below an output directory: its path relative to the working directory
+    # (or, outside it, its absolute path without the root), so no two inputs share one.
+    relative: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:  # detect_many reads it as a path
+        return str(self.path)
+
+
+def _relative(path: Path) -> Path:
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return resolved.relative_to(resolved.anchor)
+
+
+def expand_inputs(items: list[str]) -> list[InputImage]:
     """Files as given, directories' images (recursively, sorted), globs expanded. Order kept, no duplicates."""
     found: list[Path] = []
     for item in items:
@@ -27,5 +51,5 @@ def expand_inputs(items: list[str]) -> list[Path]:
         key = path.resolve()
         if key not in seen:
             seen.add(key)
-            unique.append(path)
+            unique.append(InputImage(path, _relative(path)))
     return unique

@@ -7,6 +7,7 @@ text reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -87,6 +88,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
     def __init__(self, settings: ServerSettings, store: JobStore):
         self.settings = settings
         self.store = store
+        self._background: set[asyncio.Task] = set()
         self.images = ImageGate(ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes),
                                 settings.image_check_pixels)
 
@@ -173,16 +175,36 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
             if enqueued.created:
                 queued = Event(EventType.QUEUED, JobState.QUEUED, time=record.created,
                                event_id=enqueued.queued_event_id)
-                yield pb.RunResponse(event=convert.event_to_proto(job_id, queued))
-                stream = self.store.events(job_id, enqueued.queued_event_id, watcher=watcher)
-                async for message in self._relay(job_id, stream, pb.RunResponse):
-                    yield message
+                ended = False
+                try:
+                    yield pb.RunResponse(event=convert.event_to_proto(job_id, queued))
+                    stream = self.store.events(job_id, enqueued.queued_event_id, watcher=watcher)
+                    async for message in self._relay(job_id, stream, pb.RunResponse):
+                        yield message
+                    ended = True
+                finally:
+                    if not ended and request.job.cancel_on_disconnect:
+                        self._cancel_later(job_id)
                 return
             self.store.unwatch(watcher)
             existing_id = enqueued.job_id
         # request_id named an existing job: stream it from its start
         async for message in self._relay(existing_id, self.store.events(existing_id), pb.RunResponse):
             yield message
+
+    def _cancel_later(self, job_id: str) -> None:
+        """Cancel a job whose Run stream the client dropped (it asked for that: cancel_on_disconnect)."""
+        async def cancel():
+            try:
+                await self.store.cancel(job_id, 0.0)
+                log.info("job %s cancelled: its client dropped the stream (cancel_on_disconnect)", job_id)
+            except Exception:  # noqa: BLE001 - Redis away: the job runs on, as without the flag
+                log.warning("could not cancel job %s after its client went away", job_id, exc_info=True)
+            finally:
+                self._background.discard(task)
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
 
     @_guarded_stream
     async def Watch(self, request: pb.WatchRequest, context):

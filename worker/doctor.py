@@ -7,6 +7,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from . import flash_attn_shim
+from .doctor_service import check_extras, check_redis, check_server
 
 
 def _version(package: str) -> str | None:
@@ -16,7 +17,8 @@ def _version(package: str) -> str | None:
         return None
 
 
-def collect(model: str | None = None, device: str = "auto", attention: str = "eager") -> dict:
+def collect(model: str | None = None, device: str = "auto", attention: str = "eager", redis_url: str | None = None,
+            server: str | None = None) -> dict:
     """A report dict; `report["ok"]` is False when something needed is broken."""
     problems: list[str] = []
     shim = flash_attn_shim.install()  # before transformers is imported
@@ -62,6 +64,11 @@ def collect(model: str | None = None, device: str = "auto", attention: str = "ea
             problems.append("this transformers can run neither native nor remote-code Florence-2")
     except Exception as exc:  # noqa: BLE001
         problems.append(f"transformers does not import: {exc}")
+    report["extras"] = check_extras()
+    if redis_url:
+        report["redis"] = check_redis(redis_url, problems)
+    if server:
+        report["server"] = check_server(server, problems)
     if model:
         report["model"] = _try_model(model, device, attention, problems)
     report["ok"] = not problems
@@ -95,8 +102,8 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
     outcome = create_engine(loaded).run_batch([request])[0]
     entry["generate_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if outcome.error:
-        problems.append(f"generate failed: {outcome.error}")
-        entry["error"] = outcome.error
+        problems.append(f"generate failed: {outcome.error.message}")
+        entry["error"] = outcome.error.message
     else:
         entry["raw_text"] = outcome.result.raw_text[:200]
         entry["boxes"] = len(outcome.result.boxes)
@@ -130,6 +137,19 @@ def render(report: dict) -> str:
                 f"{model['attention']}, load {model['load_seconds']}s, generate {model.get('generate_ms')} ms"
                 + (" [RANDOM WEIGHTS]" if model.get("random_weights") else "")
             )
+    extras = report.get("extras", {})
+    lines.append("extras        " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in extras.items()))
+    if "redis" in report:
+        redis = report["redis"]
+        lines.append(f"redis         {redis['url']}: " + (f"UNREACHABLE {redis['error']}" if "error" in redis else
+                     f"{redis['server']} {redis['version']}, "
+                     f"{'persistent' if redis['persistent'] else 'NOT persistent (jobs lost on restart)'}"))
+    if "server" in report:
+        server = report["server"]
+        lines.append(f"server        {server['address']}: " + (f"FAILED {server['error']}" if "error" in server else
+                     f"{server['health']}, models: " + (", ".join(
+                         f"{name} ({m['kind']}, {m['live_workers']} live)" for name, m in server["models"].items())
+                         or "none")))
     for problem in report["problems"]:
         lines.append(f"PROBLEM       {problem}")
     lines.append("OK" if report["ok"] else "BROKEN")

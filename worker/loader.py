@@ -19,6 +19,7 @@ from typing import Any
 
 from . import flash_attn_shim
 from .model_builder import read_marker
+from .model_source import ModelSource, SourceError, hub_offline_env, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -98,18 +99,24 @@ def can_run(kind: str) -> tuple[bool, str]:
     return True, ""
 
 
-def _read_config(path_or_id: str, revision: str | None) -> dict:
-    local = Path(path_or_id)
-    if local.exists():
-        config_path = local / "config.json"
+def _read_config(source: ModelSource, revision: str | None) -> dict:
+    path_or_id = source.path_or_id
+    if source.local:
+        config_path = Path(path_or_id) / "config.json"
         if not config_path.is_file():
             raise ModelLoadError(f"could not load {path_or_id}: no config.json in that directory")
     else:
         try:
             from transformers.utils import cached_file
 
-            config_path = Path(cached_file(path_or_id, "config.json", revision=revision))
+            config_path = Path(cached_file(path_or_id, "config.json", revision=revision,
+                                           local_files_only=source.offline))
         except Exception as exc:  # noqa: BLE001 - hub/offline/permission errors all end here
+            if source.offline:
+                raise ModelLoadError(
+                    f"could not load {path_or_id}: the Hugging Face hub is unreachable (offline) and the model "
+                    "is not in the local cache; download it where there is network, or pass a local "
+                    "directory") from None
             raise ModelLoadError(
                 f"could not load {path_or_id}: not a local directory and not fetchable from the hub "
                 f"({type(exc).__name__}: {exc})"
@@ -171,7 +178,11 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
     if options.kind == "yolo" or (options.kind == "auto" and is_yolo_path(path_or_id)):
         return load_yolo(path_or_id, options.device, options.dtype)
     started = time.perf_counter()
-    config = _read_config(path_or_id, options.revision)
+    try:
+        source = resolve_source(path_or_id, offline_env=hub_offline_env())
+    except SourceError as exc:
+        raise ModelLoadError(str(exc)) from None
+    config = _read_config(source, options.revision)
     kind = detect_kind(config) if options.kind == "auto" else options.kind
     ok, advice = can_run(kind)
     if not ok:
@@ -179,7 +190,7 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     try:
-        model, processor = _load(kind, path_or_id, options, dtype)
+        model, processor = _load(kind, path_or_id, options, dtype, local_files_only=source.offline)
         model.to(device).eval()
     except ModelLoadError:
         raise
@@ -204,18 +215,17 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
     return loaded
 
 
-def _load(kind: str, path_or_id: str, options: LoadOptions, dtype):
+def _load(kind: str, path_or_id: str, options: LoadOptions, dtype, local_files_only: bool = False):
     import transformers
 
-    common = {"revision": options.revision, "attn_implementation": options.attention}
+    files = {"revision": options.revision, "local_files_only": local_files_only}
+    common = {**files, "attn_implementation": options.attention}
     if kind == "native":
         model = transformers.Florence2ForConditionalGeneration.from_pretrained(path_or_id, dtype=dtype, **common)
-        processor = transformers.AutoProcessor.from_pretrained(path_or_id, revision=options.revision)
+        processor = transformers.AutoProcessor.from_pretrained(path_or_id, **files)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path_or_id, trust_remote_code=True, torch_dtype=dtype, **common
         )
-        processor = transformers.AutoProcessor.from_pretrained(
-            path_or_id, trust_remote_code=True, revision=options.revision
-        )
+        processor = transformers.AutoProcessor.from_pretrained(path_or_id, trust_remote_code=True, **files)
     return model, processor

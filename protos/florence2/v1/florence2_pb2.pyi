@@ -120,7 +120,7 @@ class GenerationOptions(_message.Message):
     def __init__(self, num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout")
+    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout", "cancel_on_disconnect")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class JobSpec(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: TaskType
     image: bytes
@@ -139,7 +140,8 @@ class JobSpec(_message.Message):
     request_id: str
     priority: int
     timeout: _duration_pb2.Duration
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    cancel_on_disconnect: bool
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel_on_disconnect: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("job",)

@@ -1,0 +1,263 @@
+"""`florence2 detect` and `florence2 submit`: many images through the service, every output kept.
+
+detect runs the images through Florence2Client.detect_many (bounded concurrency, results as they
+complete). Every output line carries the image and its job id. The first Ctrl-C cancels this run's
+outstanding jobs on the server, prints what was written and exits 130; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from florence2_serve.common.tasks import Task
+
+from .cli_common import connection_options, fail, open_client, print_json, target
+from .client import Florence2Client
+from .core import DetectOutcome
+from .errors import Florence2Error, JobFailed, RpcError
+from .inputs import InputImage, expand_inputs
+from .json_output import to_json
+
+TASK_NAMES = ", ".join(task.name for task in Task)
+TASK_HELP = f"Task: one of {TASK_NAMES} (or the <OD> form). DETECT is for YOLOv8 models."
+
+
+def task_options(function):
+    for option in reversed([
+        click.option("--model", default=None,
+                     help="Model name (see `florence2 models`); with --embedded [NAME=]PATH_OR_ID to run. "
+                          "Default: the only model served."),
+        click.option("--task", default="OD", show_default=True, help=TASK_HELP),
+        click.option("--text", default="", help="Text input, for the tasks that take it (grounding, "
+                                                "referring segmentation, open-vocabulary detection)."),
+        click.option("--region", default=None, help="x1,y1,x2,y2 in pixels, for the REGION_TO_* tasks."),
+        click.option("--max-new-tokens", type=int, default=0, help="0: the default (1024, or the model's limit)."),
+        click.option("--num-beams", type=int, default=0, help="0: the default (3)."),
+        click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True,
+                     help="0-9, higher runs sooner."),
+    ]):
+        function = option(function)
+    return function
+
+
+def _parse(images, task, region) -> tuple[list[InputImage], Task, tuple | None]:
+    try:
+        parsed_task = Task.parse(task)
+        files = expand_inputs(list(images))
+        parsed_region = tuple(float(v) for v in region.split(",")) if region else None
+        if parsed_region is not None and len(parsed_region) != 4:
+            raise ValueError("--region needs 4 numbers: x1,y1,x2,y2")
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc), 2)
+    if not files:
+        fail("no images found", 2)
+    return files, parsed_task, parsed_region
+
+
+def _only_model(client: Florence2Client) -> str:
+    try:
+        models = [m.name for m in client.list_models() if m.live_workers]
+    except Florence2Error as exc:
+        fail(str(exc))
+    if len(models) != 1:
+        fail(f"pass --model; models with live workers: {', '.join(models) or 'none'}", 2)
+    return models[0]
+
+
+@dataclass
+class Tally:
+    started: float = field(default_factory=time.monotonic)
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    drawings: int = 0
+    kept_beside: int = 0
+
+    def line(self, total: int) -> str:
+        elapsed = time.monotonic() - self.started
+        done = self.succeeded + self.failed
+        parts = [f"{total} images: {self.succeeded} succeeded, {self.failed} failed"]
+        if self.cancelled:
+            parts.append(f"{self.cancelled} cancelled on the server")
+        if total - done:
+            parts.append(f"{total - done} not run")
+        parts.append(f"{elapsed:.1f} s, {done / elapsed if elapsed > 0 else 0:.1f} images/s")
+        if self.drawings:
+            parts.append(f"{self.drawings} drawings" + (f" ({self.kept_beside} beside existing files; "
+                                                        "--overwrite replaces)" if self.kept_beside else ""))
+        return "; ".join(parts)
+
+
+def _describe(outcome: DetectOutcome, as_json: bool, task: Task) -> str:
+    image: InputImage = outcome.source
+    if as_json:
+        line = {"image": str(image.path), "job_id": outcome.job_id, "request_id": outcome.request_id,
+                "task": task.name}
+        if outcome.ok:
+            line["result"] = to_json(outcome.result)
+        else:
+            line["error"] = _error_json(outcome.error)
+        import json
+
+        return json.dumps(line, ensure_ascii=False)
+    if not outcome.ok:
+        return f"{image.path}: FAILED {outcome.error} (job {outcome.job_id or '-'})"
+    result = outcome.result
+    parts = []
+    if result.boxes:
+        parts.append(f"{len(result.boxes)} boxes: " + ", ".join(b.label or "?" for b in result.boxes))
+    if result.polygons:
+        parts.append(f"{len(result.polygons)} polygons: " + ", ".join(p.label or "?" for p in result.polygons))
+    if result.text:
+        parts.append(repr(result.text))
+    return (f"{image.path}: {'; '.join(parts) or 'nothing found'} "
+            f"({result.timings.generate_ms:.0f} ms generate, job {outcome.job_id})")
+
+
+def _error_json(error: Florence2Error) -> dict:
+    data = {"message": str(error), "reason": getattr(error, "reason", "")}
+    if isinstance(error, JobFailed):
+        data["state"] = error.state
+    elif isinstance(error, RpcError):
+        data["code"] = error.code().name
+    return data
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True)
+@connection_options
+@task_options
+@click.option("--embedded", is_flag=True, help="Run valkey + front end + one worker for this command only.")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one per image (with its job_id).")
+@click.option("--draw", "draw_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Save each image with its result drawn, below this directory at the image's relative path, "
+                   "the task in the name (img.jpg -> DIR/img.jpg.od.png).")
+@click.option("--overwrite", is_flag=True, help="Replace drawings that exist (default: keep them, write beside).")
+@click.option("--concurrency", type=click.IntRange(1, 256), default=4, show_default=True,
+              help="Jobs in flight at once.")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="Per-image deadline in seconds.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed image: cancel the rest, exit 1.")
+@click.option("--device", default=None, help="With --embedded: the worker's device (auto, cpu, cuda:0).")
+def detect(images, server, token, tls, ca_file, cert_file, key_file, model, task, text, region, max_new_tokens,
+           num_beams, priority, embedded, as_json, draw_dir, overwrite, concurrency, timeout, fail_fast, device):
+    """Run a task on IMAGES (files, directories, globs); print one line per image as it completes.
+
+    Exit 0 when every image succeeded, 1 when any failed, 130 after Ctrl-C.
+    """
+    files, parsed_task, parsed_region = _parse(images, task, region)
+    worker_args = ["--device", device] if device else []
+    with target(server, embedded, model, worker_args) as (address, model_name):
+        with open_client(address, token, tls, ca_file, cert_file, key_file, timeout=None) as client:
+            model_name = model_name or _only_model(client)
+            run = client.detect_many(files, model_name, parsed_task, concurrency=concurrency, timeout=timeout,
+                                     text=text, region=parsed_region, max_new_tokens=max_new_tokens,
+                                     num_beams=num_beams, priority=priority, cancel_on_disconnect=True)
+            code = _drive(run, files, parsed_task, parsed_region, as_json, draw_dir, overwrite, fail_fast)
+    sys.exit(code)
+
+
+def _drive(run, files, task: Task, region, as_json: bool, draw_dir: Path | None, overwrite: bool,
+           fail_fast: bool) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    tally = Tally()
+    interrupted = []
+
+    def on_interrupt(*_):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        click.echo("\ninterrupted: cancelling this run's jobs on the server (Ctrl-C again to quit now)", err=True)
+        tally.cancelled += run.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    show = len(files) > 1 and sys.stderr.isatty()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True), disable=not show, transient=True,
+                      speed_estimate_period=60) as progress:
+            bar = progress.add_task("images", total=len(files))
+            for outcome in run:
+                progress.advance(bar)
+                if outcome.ok:
+                    tally.succeeded += 1
+                    if draw_dir is not None:
+                        _draw(outcome, task, region, draw_dir, overwrite, tally)
+                else:
+                    tally.failed += 1
+                click.echo(_describe(outcome, as_json, task))
+                if fail_fast and not outcome.ok and not interrupted:
+                    click.echo("--fail-fast: stopping at the first failure", err=True)
+                    interrupted.append(False)
+                    tally.cancelled += run.cancel()
+    except KeyboardInterrupt:
+        click.echo(tally.line(len(files)), err=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    click.echo(tally.line(len(files)), err=True)
+    if interrupted and interrupted[0]:
+        return 130
+    return 1 if tally.failed or interrupted else 0
+
+
+def _draw(outcome: DetectOutcome, task: Task, region, draw_dir: Path, overwrite: bool, tally: Tally) -> None:
+    from florence2_serve.common.images import ImageError, decode_image
+
+    from .draw import drawing_path, save_drawing
+
+    image: InputImage = outcome.source
+    target_path, beside = drawing_path(draw_dir, image.relative, task.name, overwrite)
+    try:
+        save_drawing(decode_image(image.path.read_bytes()), to_json(outcome.result), target_path, region)
+    except (ImageError, OSError) as exc:
+        click.echo(f"{image.path}: drawing not saved ({exc})", err=True)
+        return
+    tally.drawings += 1
+    tally.kept_beside += beside
+
+
+@click.command()
+@click.argument("images", nargs=-1, required=True)
+@connection_options
+@task_options
+@click.option("--wait", is_flag=True, help="Also wait for each job and print its result (or error).")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait: per-image deadline.")
+def submit(images, server, token, tls, ca_file, cert_file, key_file, model, task, text, region, max_new_tokens,
+           num_beams, priority, wait, timeout):
+    """Queue a job per image and print its id at once (JSON Lines); the jobs run whether or not anyone
+    waits. Follow one later with `florence2 job watch JOB_ID`."""
+    files, parsed_task, parsed_region = _parse(images, task, region)
+    failed = 0
+    with open_client(server, token, tls, ca_file, cert_file, key_file, timeout=30) as client:
+        model_name = model or _only_model(client)
+        submitted = []
+        for image in files:
+            line = {"image": str(image.path), "task": parsed_task.name}
+            try:
+                spec = client.spec(image.path, model_name, parsed_task, text=text, region=parsed_region,
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, priority=priority)
+                response = client.submit(spec)
+                line.update(job_id=response.job_id, request_id=spec.request_id, created=response.created)
+                submitted.append((line, response.job_id))
+            except (Florence2Error, OSError, ValueError) as exc:
+                failed += 1
+                line["error"] = _error_json(exc) if isinstance(exc, Florence2Error) else {"message": str(exc)}
+            if not wait or "error" in line:
+                print_json(line)
+        for line, job_id in submitted if wait else ():
+            try:
+                line["result"] = to_json(client.wait(job_id, timeout))
+            except Florence2Error as exc:
+                failed += 1
+                line["error"] = _error_json(exc)
+            print_json(line)
+    sys.exit(1 if failed else 0)
+

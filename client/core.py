@@ -1,0 +1,158 @@
+"""What the sync and asyncio clients share: settings, request building, event bookkeeping.
+
+Only I/O differs between `Florence2Client` and `AsyncFlorence2Client` (httpx's BaseClient / Client /
+AsyncClient split): both build requests, channels and outcomes here.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from florence2_serve.common.proto_enums import TERMINAL_EVENT_TYPES, state_name, task_to_proto
+from florence2_serve.common.tasks import Task
+from florence2_serve.v1 import florence2_pb2 as pb
+
+from .errors import Florence2Error, JobFailed, RpcError
+from .image_input import ImageInput, image_bytes
+from .retry import RetryPolicy
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: str = "",
+             region: tuple[float, float, float, float] | None = None, request_id: str | None = None,
+             priority: int = 0, num_beams: int = 0, max_new_tokens: int = 0, min_new_tokens: int = 0,
+             repetition_penalty: float = 0.0, timeout_s: float | None = None,
+             cancel_on_disconnect: bool = False) -> pb.JobSpec:
+    """A JobSpec; `request_id` defaults to a fresh UUID, which makes retries of it safe."""
+    task = task if isinstance(task, Task) else Task.parse(task)
+    spec = pb.JobSpec(
+        model=model, task=task_to_proto(task), image=image_bytes(image), text=text,
+        request_id=request_id if request_id is not None else str(uuid.uuid4()), priority=priority,
+        generation=pb.GenerationOptions(num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                        min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty),
+        cancel_on_disconnect=cancel_on_disconnect,
+    )
+    if region is not None:
+        spec.region.CopyFrom(pb.Region(x1=region[0], y1=region[1], x2=region[2], y2=region[3]))
+    if timeout_s is not None:
+        spec.timeout.FromMilliseconds(int(timeout_s * 1000))
+    return spec
+
+
+class ClientCore:
+    """Connection settings of either client.
+
+    `address` defaults to $FLORENCE2_SERVER, then 127.0.0.1:50051. `token` is sent as a bearer token.
+    `tls=True` uses TLS with the system roots, or `root_certificates` (PEM bytes); `certificate_chain`
+    and `private_key` add a client certificate (mTLS). `timeout` bounds each call (a job's stream:
+    the whole wait). `retry` governs retries of UNAVAILABLE.
+    """
+
+    def __init__(self, address: str | None = None, *, token: str = "", timeout: float | None = None,
+                 retry: RetryPolicy | None = None, tls: bool = False, root_certificates: bytes | None = None,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None):
+        self.address = address or os.environ.get("FLORENCE2_SERVER") or DEFAULT_ADDRESS
+        self.token = token
+        self.timeout = timeout
+        self.retry = retry or RetryPolicy()
+        self.tls = tls or root_certificates is not None or certificate_chain is not None
+        self._tls_files = (root_certificates, private_key, certificate_chain)
+
+    def _metadata(self) -> tuple:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    @staticmethod
+    def _options() -> list:
+        return [("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE),
+                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE)]
+
+    def _credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        root, key, chain = self._tls_files
+        return grpc.ssl_channel_credentials(root_certificates=root, private_key=key, certificate_chain=chain)
+
+    def spec(self, image: ImageInput, model: str, task: Task | str = Task.OD, **options) -> pb.JobSpec:
+        return job_spec(image, model, task, **options)
+
+
+class RunState:
+    """One job's events as a client follows them: where to resume after an outage, and the outcome."""
+
+    def __init__(self, job_id: str = "", after_event_id: str = ""):
+        self.job_id = job_id
+        self.last_event_id = after_event_id
+        self.result: pb.Result | None = None
+        self.failure: JobFailed | None = None
+        self.done = False
+
+    def see(self, event: pb.JobEvent) -> None:
+        self.job_id = event.job_id or self.job_id
+        self.last_event_id = event.event_id or self.last_event_id
+        if event.HasField("result"):
+            self.result = event.result
+        if event.type in TERMINAL_EVENT_TYPES:
+            self.done = True
+            if event.type != pb.EVENT_TYPE_DONE:
+                self.failure = JobFailed(event.job_id, state_name(event.state), event.error.message, event.error.reason)
+
+    def resume_request(self, spec: pb.JobSpec | None):
+        """(method name, request) that continues from here: Run again until the job is known (its
+        request_id makes that idempotent), then Watch after the last event seen."""
+        if not self.job_id and spec is not None:
+            return "Run", pb.RunRequest(job=spec)
+        return "Watch", pb.WatchRequest(job_id=self.job_id, after_event_id=self.last_event_id)
+
+    def outcome(self) -> pb.Result:
+        """The result, or JobFailed."""
+        if self.failure is not None:
+            raise self.failure
+        if self.result is None:
+            raise JobFailed(self.job_id, "UNKNOWN", "the job's stream ended without a result")
+        return self.result
+
+
+STREAM_ENDED = RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream ended before the job did")
+
+
+@dataclass
+class DetectOutcome:
+    """One image of a detect_many run: its result, or the error that stopped it (never both)."""
+
+    index: int
+    source: object
+    result: pb.Result | None = None
+    error: Florence2Error | None = None
+    job_id: str = ""
+    request_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class InFlight:
+    """The jobs a detect_many run has submitted and not seen end: what Ctrl-C must cancel."""
+
+    jobs: dict[str, str] = field(default_factory=dict)  # request_id -> job_id ("" until known)
+    stopped: bool = False
+
+    def started(self, request_id: str) -> None:
+        self.jobs[request_id] = ""
+
+    def known(self, request_id: str, job_id: str) -> None:
+        if request_id in self.jobs:
+            self.jobs[request_id] = job_id
+
+    def ended(self, request_id: str) -> None:
+        self.jobs.pop(request_id, None)
+
+    def snapshot(self) -> list[tuple[str, str]]:
+        return list(self.jobs.items())

@@ -1,0 +1,43 @@
+"""One JSON convention for every output of the client and the CLI.
+
+Enum values by their short names (`OD`, `SUCCEEDED`, `DONE`, `FLORENCE2`: no proto prefixes), every
+field present even at its zero value, field names as in the proto; `raw_text` as generated beside the
+cleaned `text`.
+"""
+
+from __future__ import annotations
+
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+
+_PREFIXES = ("TASK_TYPE_", "JOB_STATE_", "EVENT_TYPE_", "MODEL_KIND_")
+
+
+def _short(value):
+    if isinstance(value, str):
+        for prefix in _PREFIXES:
+            if value.startswith(prefix):
+                return value[len(prefix):]
+        return value
+    if isinstance(value, list):
+        return [_short(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _short(item) for key, item in value.items()}
+    return value
+
+
+_ENUM_FIELDS = {"task", "tasks", "state", "type", "kind"}
+
+
+def _shorten_enums(data):
+    if isinstance(data, dict):
+        return {key: (_short(value) if key in _ENUM_FIELDS else _shorten_enums(value)) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_shorten_enums(item) for item in data]
+    return data
+
+
+def to_json(message: Message) -> dict:
+    """A proto message as plain JSON-ready data, by this module's convention."""
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _shorten_enums(data)
