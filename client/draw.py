@@ -27,7 +27,7 @@ class _Canvas:
         self.draw = ImageDraw.Draw(self.image)
         self.fill_draw = ImageDraw.Draw(self.overlay)
         short_side = min(self.image.size)
-        self.width = max(2, round(short_side / 250))
+        self.width = max(2, round(short_side / 160))
         self.font = ImageFont.load_default(size=max(11, round(short_side / 40)))
         self.colors: dict[str, tuple] = {}
         self.labels: list[tuple[float, float, float, float]] = []

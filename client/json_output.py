@@ -7,6 +7,7 @@ cleaned `text`.
 
 from __future__ import annotations
 
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
@@ -37,7 +38,26 @@ def _shorten_enums(data):
     return data
 
 
+_INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+          FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def _numbers(descriptor, data: dict) -> dict:
+    """64-bit integers as numbers (proto3 JSON writes them as strings; a person reading counts wants numbers)."""
+    for field in descriptor.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.type in _INT64:
+            data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, dict):
+                    _numbers(field.message_type, item)
+    return data
+
+
 def to_json(message: Message) -> dict:
     """A proto message as plain JSON-ready data, by this module's convention."""
     data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-    return _shorten_enums(data)
+    return _shorten_enums(_numbers(message.DESCRIPTOR, data))
