@@ -98,8 +98,11 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
               help="Seconds between rq maintenance runs that re-run abandoned jobs (default 1).")
 @click.option("--exit-with-parent", is_flag=True, default=None,
               help="Stop (gracefully) when the process that started this worker exits.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (env FLORENCE2_WORKER_METRICS_PORT; default off).")
+@click.option("--metrics-host", default=None, help="Host the metrics listener binds (default 127.0.0.1).")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
-           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent):
+           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
 
     SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
@@ -111,7 +114,7 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
             model, redis_url=redis_url, device=device, dtype=dtype, attention=attention, kind=kind,
             batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
             job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s,
-            exit_with_parent=exit_with_parent)
+            exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker
@@ -133,8 +136,22 @@ def _server_options(function):
         click.option("--result-ttl", "result_ttl_s", type=int, default=None, help="Seconds jobs and results are kept."),
         click.option("--job-timeout", "job_timeout_s", type=int, default=None,
                      help="Longest a job may run once started (env FLORENCE2_JOB_TIMEOUT; default 3600, 0: none)."),
-        click.option("--token", default=None, help="Require this bearer token (env FLORENCE2_TOKEN)."),
-        click.option("--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port."),
+        click.option("--token", default=None,
+                     help="Require this bearer token; comma-separated for several, e.g. during rotation "
+                          "(env FLORENCE2_TOKEN)."),
+        click.option("--token-file", default=None,
+                     help="Also accept the tokens in this file, one per line, re-read when it changes "
+                          "(env FLORENCE2_TOKEN_FILE)."),
+        click.option("--tls-cert", default=None, help="Serve gRPC over TLS: certificate chain, PEM (env FLORENCE2_TLS_CERT)."),
+        click.option("--tls-key", default=None, help="TLS private key, PEM (env FLORENCE2_TLS_KEY)."),
+        click.option("--tls-client-ca", default=None,
+                     help="Require client certificates signed by this CA, PEM: mutual TLS (env FLORENCE2_TLS_CLIENT_CA)."),
+        click.option("--reflection/--no-reflection", default=None,
+                     help="Serve gRPC reflection (default on; env FLORENCE2_REFLECTION). Health stays on."),
+        click.option("--metrics-port", type=int, default=None,
+                     help="Serve Prometheus metrics on this port (env FLORENCE2_METRICS_PORT; default off)."),
+        click.option("--metrics-host", default=None,
+                     help="Host the metrics listener binds (env FLORENCE2_METRICS_HOST; default: the gRPC host)."),
     ]):
         function = option(function)
     return function

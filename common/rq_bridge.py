@@ -257,18 +257,36 @@ _EXC_EXPIRED = encode_exc_string("deadline passed before the job ran; it was not
 _EXC_GONE = encode_exc_string("job data expired before it ran")
 
 
+@dataclass(frozen=True)
+class ClosedJob:
+    """A job TAKE ended instead of handing it over (cancelled or expired before it ran, data gone)."""
+
+    job_id: str
+    state: str
+    reason: str
+    task: str  # "" when its data was gone
+
+
 def take(connection: redis.Redis, model: str, *, worker_name: str, worker_id: str, max_jobs: int,
-         heartbeat_ttl: int, result_ttl: int, execution_prefix: str) -> list[TakenJob]:
-    """Up to max_jobs jobs of `model`, highest priority first; [] when its queues are empty."""
+         heartbeat_ttl: int, result_ttl: int, execution_prefix: str,
+         closed: list[ClosedJob] | None = None) -> list[TakenJob]:
+    """Up to max_jobs jobs of `model`, highest priority first; [] when its queues are empty. Jobs the
+    call ended instead of handing over are appended to `closed`, when given."""
     clock = Clock()
     reply = run_script(connection, "take", [
         max_jobs, worker_name, worker_id, clock.iso, repr(clock.ts), clock.int, heartbeat_ttl, execution_prefix,
         layout.wake_key(model), result_ttl, _EXC_EXPIRED, _EXC_GONE, *layout.rq_queue_keys(model)])
     taken = []
-    for qkey, job_id, execution_id, spec, image in reply:
-        job_id = _text(job_id)
+    for entry in reply:
+        if entry[0] == b"closed":
+            _, job_id, state, reason, spec = entry
+            if closed is not None:
+                task = json.loads(spec)["task"] if spec else ""
+                closed.append(ClosedJob(_text(job_id), _text(state), _text(reason), task))
+            continue
+        qkey, job_id, execution_id, spec, image = entry
         record = layout.JobRecord(**json.loads(spec), queue=_text(qkey))
-        taken.append(TakenJob(_text(qkey), job_id, _text(execution_id), record, image))
+        taken.append(TakenJob(_text(qkey), _text(job_id), _text(execution_id), record, image))
     return taken
 
 

@@ -195,7 +195,8 @@ end
 -- here instead: cancelled (CANCELLED), past their deadline (EXPIRED), data gone, or ended already
 -- (a job whose terminal event is written never runs again). The rest stay QUEUED for their users
 -- until the model starts them (PROGRESS writes STARTED). Returns {queue key, id, execution id,
--- spec JSON, image} per job handed to the worker.
+-- spec JSON, image} per job handed to the worker, and {'closed', id, state, reason, spec JSON} per job
+-- this call ended instead (the worker counts them in its metrics).
 -- ARGV: max_n, worker, worker_id, iso, ts, now, heartbeat ttl, execution id prefix, wake key,
 -- result ttl, rq exc_string for "expired", rq exc_string for "data gone", queue keys...
 local function take_body(ARGV)
@@ -222,6 +223,7 @@ local function take_body(ARGV)
         local spec, state, deadline = record[1], record[2], record[3]
         if not spec then
           rq_failed(id, qname, exec, worker, 'failed', exc_gone, iso, now, ts, ts, ttl)
+          out[#out + 1] = {'closed', id, 'FAILED', 'JOB_DATA_EXPIRED', ''}
         elseif state == 'SUCCEEDED' then
           rq_succeeded(id, qname, exec, worker, iso, now, ts, ts, ttl)
         elseif TERMINAL[state] then
@@ -229,10 +231,12 @@ local function take_body(ARGV)
         elseif redis.call('EXISTS', F2S .. ':cancel:' .. id) == 1 then
           finish_event(id, 'CANCELLED', 'CANCELLED', time, '{"reason":"CANCELLED","message":"cancelled before it ran"}', ttl)
           rq_failed(id, qname, exec, worker, 'stopped', '', iso, now, ts, ts, ttl)
+          out[#out + 1] = {'closed', id, 'CANCELLED', 'CANCELLED', spec}
         elseif deadline and tonumber(deadline) <= tonumber(ts) then
           finish_event(id, 'EXPIRED', 'EXPIRED', time,
             '{"reason":"DEADLINE_EXCEEDED","message":"deadline passed before the job ran; it was not run"}', ttl)
           rq_failed(id, qname, exec, worker, 'failed', exc_expired, iso, now, ts, ts, ttl)
+          out[#out + 1] = {'closed', id, 'EXPIRED', 'DEADLINE_EXCEEDED', spec}
         else
           out[#out + 1] = {qkey, id, exec, spec, redis.call('GET', F2S .. ':image:' .. id) or ''}
         end

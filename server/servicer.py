@@ -36,38 +36,67 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
+class _Answered:
+    """Counts an RPC in florence2_requests_total and times it (florence2_request_duration_seconds)."""
+
+    def __init__(self, name: str, context):
+        self.name, self.context, self.started = name, context, time.perf_counter()
+        self.code = grpc.StatusCode.OK
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, _tb):
+        if kind is not None and issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
+            self.code = grpc.StatusCode.CANCELLED
+        elif kind is not None:  # aborted: the code the abort set (the guard set it too)
+            try:
+                self.code = self.context.code() or self.code
+            except (AttributeError, TypeError):
+                pass
+        metrics.REQUESTS.labels(self.name, self.code.name).inc()
+        metrics.REQUEST_SECONDS.labels(self.name).observe(time.perf_counter() - self.started)
+        return False
+
+
+async def _abort_for(exc: Exception, name: str, context) -> None:
+    if isinstance(exc, ServiceError):
+        await exc.abort(context)
+    elif isinstance(exc, REDIS_ERRORS):
+        await store_unavailable().abort(context)
+    else:  # never leak library text to a client
+        log.exception("%s failed", name)
+        await internal().abort(context)
+
+
 def _guarded_unary(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except ServiceError as exc:
-            await exc.abort(context)
-        except REDIS_ERRORS:
-            await store_unavailable().abort(context)
-        except Exception:  # noqa: BLE001 - never leak library text to a client
-            log.exception("%s failed", method.__name__)
-            await internal().abort(context)
+        with _Answered(method.__name__, context) as answered:
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                answered.code = exc.code if isinstance(exc, ServiceError) else (
+                    grpc.StatusCode.UNAVAILABLE if isinstance(exc, REDIS_ERRORS) else grpc.StatusCode.INTERNAL)
+                await _abort_for(exc, method.__name__, context)
     return wrapper
 
 
 def _guarded_stream(method):
     @functools.wraps(method)
     async def wrapper(self, request, context):
-        try:
-            async for message in method(self, request, context):
-                yield message
-        except grpc.aio.AbortError:
-            raise
-        except ServiceError as exc:
-            await exc.abort(context)
-        except REDIS_ERRORS:
-            await store_unavailable().abort(context)
-        except Exception:  # noqa: BLE001
-            log.exception("%s failed", method.__name__)
-            await internal().abort(context)
+        with _Answered(method.__name__, context) as answered:
+            try:
+                async for message in method(self, request, context):
+                    yield message
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                answered.code = exc.code if isinstance(exc, ServiceError) else (
+                    grpc.StatusCode.UNAVAILABLE if isinstance(exc, REDIS_ERRORS) else grpc.StatusCode.INTERNAL)
+                await _abort_for(exc, method.__name__, context)
     return wrapper
 
 
@@ -144,7 +173,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         if not enqueued.created and not enqueued.same_payload:
             raise _reused(spec.request_id)
         if enqueued.created:
-            metrics.JOBS_SUBMITTED.labels(model=spec.model).inc()
+            metrics.JOBS_SUBMITTED.labels(spec.model, checked.task.name).inc()
         return enqueued, record
 
     # -- RPCs ---------------------------------------------------------------------------------

@@ -25,9 +25,20 @@ class ServerSettings:
     job_timeout_s: int = 3600
     # Re-runs of a job whose worker died while running it; then it ends FAILED with the reason.
     max_retries: int = 2
-    # Bearer token required in `authorization` metadata; empty: no auth.
+    # Bearer tokens accepted in `authorization` metadata (comma-separated: several, for rotation), and
+    # a file of more (one per line, re-read when it changes); neither: no auth.
     token: str = ""
+    token_file: str = ""
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    # The metrics listener's host; empty: the gRPC address's host.
+    metrics_host: str = ""
+    # TLS for the gRPC listener: certificate chain and key (PEM files); with a client CA, clients must
+    # present a certificate it signed (mutual TLS).
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    # Server reflection (v1 and v1alpha); health stays on either way.
+    reflection: bool = True
     health_interval_s: float = 1.0
     # CancelJob waits this long for a running job to stop, so its reply is normally CANCELLED.
     cancel_wait_s: float = 2.0
@@ -43,7 +54,9 @@ class ServerSettings:
         "max_image_pixels": "FLORENCE2_MAX_IMAGE_PIXELS", "max_queue_depth": "FLORENCE2_MAX_QUEUE_DEPTH",
         "result_ttl_s": "FLORENCE2_RESULT_TTL", "job_timeout_s": "FLORENCE2_JOB_TIMEOUT",
         "max_retries": "FLORENCE2_MAX_RETRIES",
-        "token": "FLORENCE2_TOKEN", "metrics_port": "FLORENCE2_METRICS_PORT",
+        "token": "FLORENCE2_TOKEN", "token_file": "FLORENCE2_TOKEN_FILE", "metrics_port": "FLORENCE2_METRICS_PORT",
+        "metrics_host": "FLORENCE2_METRICS_HOST", "tls_cert": "FLORENCE2_TLS_CERT", "tls_key": "FLORENCE2_TLS_KEY",
+        "tls_client_ca": "FLORENCE2_TLS_CLIENT_CA", "reflection": "FLORENCE2_REFLECTION",
         "image_check_pixels": "FLORENCE2_IMAGE_CHECK_PIXELS",
     }
 
@@ -67,10 +80,31 @@ class ServerSettings:
         for name in ("job_timeout_s", "max_retries", "cancel_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("TLS needs both a certificate (--tls-cert) and its key (--tls-key)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "token_file"):
+            if getattr(self, name) and not os.path.isfile(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)}: no such file")
+
+    @property
+    def metrics_bind_host(self) -> str:
+        return self.metrics_host or self.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.token or self.token_file)
 
 
 def _coerce(raw: str, kind, var: str):
     kind = kind if isinstance(kind, str) else kind.__name__
+    if kind == "bool":
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{var}={raw!r} is not a boolean (1/0, true/false)")
     try:
         if kind == "int":
             return int(raw)

@@ -48,6 +48,7 @@ from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
 
+from . import metrics
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
 from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
@@ -157,12 +158,17 @@ class BatchWorker:
                     if wait > 0:
                         time.sleep(wait)
                 last_take = time.monotonic()
+                closed: list[rq_bridge.ClosedJob] = []
                 try:
                     taken = rq_bridge.take(
                         self.connection, settings.model_name, worker_name=settings.worker_id,
                         worker_id=settings.worker_id, max_jobs=capacity, heartbeat_ttl=settings.job_heartbeat_ttl_s,
-                        result_ttl=settings.result_ttl_s, execution_prefix=self._next_execution_prefix())
+                        result_ttl=settings.result_ttl_s, execution_prefix=self._next_execution_prefix(),
+                        closed=closed)
                     outage.ok()
+                    for job in closed:
+                        metrics.job_ended(settings.model_name, Task(job.task).name if job.task else "",
+                                          job.state, job.reason)
                 except REDIS_ERRORS as exc:
                     outage.failed(exc)
                     time.sleep(0.5)
@@ -267,7 +273,11 @@ class BatchWorker:
             self._last_batch_size = len(batch)
             runnable = self._start(batch)
             if runnable:
+                running = metrics.RUNNING_JOBS.labels(settings.model_name)
+                metrics.BATCH_SIZE.labels(settings.model_name).observe(len(runnable))
+                running.set(len(runnable))
                 self._finishing.put(Batch(runnable, self._run(runnable)))
+                running.set(0)
             self._busy = False
 
     def _start(self, batch: list[Held]) -> list[Held]:
@@ -341,6 +351,7 @@ class BatchWorker:
                 self.connection, ended, ttl=settings.result_ttl_s, worker_name=settings.worker_id,
                 worker_id=settings.worker_id, worked_s=worked, counters=(layout.worker_key(settings.worker_id), calls)))
             self._generate_calls_written += calls
+            self._count(ended)
         if requeue:
             self._retry_until_done("requeue", lambda: rq_bridge.requeue(
                 self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
@@ -352,6 +363,17 @@ class BatchWorker:
                     self._held.pop(item.job.job_id, None)
             for job in requeue:
                 self._held.pop(job.job_id, None)
+
+    def _count(self, ended: list[Finished]) -> None:
+        """Metrics of the jobs whose ends were just written."""
+        model, now = self.settings.model_name, time.time()
+        for item in ended:
+            if item.outcome == "started":
+                continue
+            record = item.job.record
+            metrics.job_ended(model, Task(record.task).name, item.state, item.error.reason if item.error else "")
+            if item.result is not None:
+                metrics.job_stages(model, item.result.timings, now - record.created)
 
     def _retry_until_done(self, what: str, write):
         """Run a Redis write until it succeeds: a worker keeps its results through any outage."""

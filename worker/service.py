@@ -79,8 +79,27 @@ def _exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _serve_metrics(settings: WorkerSettings, loaded) -> bool:
+    from . import metrics
+
+    metrics.describe_worker(settings.model_name, settings.worker_id, loaded)
+    if not settings.metrics_port:
+        return True
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", settings.metrics_host, settings.metrics_port,
+                  exc.strerror or exc)
+        return False
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    return True
+
+
 def run_worker(settings: WorkerSettings) -> int:
-    """Returns the exit code: 0 after a clean stop, 2 when the model does not load, 3 without Redis."""
+    """Returns the exit code: 0 after a clean stop, 2 when the model does not load, 3 without Redis,
+    4 when the metrics port is taken."""
     check_rq_version()
     # rq logs every registry clean-up at INFO; maintenance runs every second here.
     logging.getLogger("rq.worker").setLevel(logging.WARNING)
@@ -105,6 +124,8 @@ def run_worker(settings: WorkerSettings) -> int:
         log.error("%s", exc)
         return 2
     engine = create_engine(loaded)
+    if not _serve_metrics(settings, loaded):
+        return 4
     tokenizer_digest = ""
     while True:
         try:

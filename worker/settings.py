@@ -42,6 +42,9 @@ class WorkerSettings:
     wake_timeout_s: float = 0.5
     # Exit (SIGTERM) when the process that started this worker dies (used by `florence2 up`).
     exit_with_parent: bool = False
+    # Prometheus metrics on this port (0: none), bound to metrics_host.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":
@@ -52,6 +55,8 @@ class WorkerSettings:
             values["redis_url"] = environ["REDIS_URL"]
         if environ.get("FLORENCE2_RESULT_TTL"):
             values["result_ttl_s"] = int(environ["FLORENCE2_RESULT_TTL"])
+        if environ.get("FLORENCE2_WORKER_METRICS_PORT"):
+            values["metrics_port"] = int(environ["FLORENCE2_WORKER_METRICS_PORT"])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

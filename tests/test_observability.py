@@ -1,0 +1,114 @@
+"""Metrics of the front end and a worker scraped after real jobs, the dashboard built on them, and logs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import REPO
+from florence2_serve.client import NO_RETRY, Florence2Client, JobFailed, job_spec
+from florence2_serve.v1 import florence2_pb2 as pb
+from service_helpers import wait_for
+
+DASHBOARD = REPO / "docker" / "grafana" / "florence2-dashboard.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of one /metrics page."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, got), v in samples.items()
+               if n == name and all(dict(got).get(k) == str(want) for k, want in labels.items()))
+
+
+def test_metrics_count_what_happened(valkey, front_end_factory, worker_factory, tiny_png):
+    front_port, worker_port = _free_port(), _free_port()
+    front = front_end_factory(valkey.connection_url, metrics_port=front_port)
+    worker = worker_factory(valkey.connection_url, "metered=noop", "--kind", "noop", "--batch-size", "1",
+                            "--metrics-port", str(worker_port), worker_id="metered-w")
+    before = scrape(front_port)
+    with Florence2Client(f"127.0.0.1:{front.port}", timeout=30, retry=NO_RETRY) as client:
+        results = [client.detect(tiny_png, "metered", "CAPTION") for _ in range(5)]
+        running = client.submit(job_spec(tiny_png, "metered", "OD", min_new_tokens=2000, max_new_tokens=2000)).job_id
+        wait_for(lambda: client.get_job(running).state == pb.JOB_STATE_RUNNING, message="running")
+        held = client.submit(job_spec(tiny_png, "metered", "OD")).job_id  # taken: the worker holds one ahead
+        queued = client.submit(job_spec(tiny_png, "metered", "OD")).job_id
+        wait_for(lambda: value(scrape(front_port), "florence2_queue_depth", model="metered") == 1,
+                 message="queue depth 1")
+        client.cancel(queued)  # cancelled while queued: ended by the front end
+        client.cancel(running)  # cancelled while running: ended by the worker
+        assert client.wait(held).image_width == 16
+        with pytest.raises(JobFailed):
+            client.wait(running)
+        with pytest.raises(Exception):
+            client.submit(job_spec(b"not an image", "metered", "OD"))
+    after, work = scrape(front_port), scrape(worker_port)
+    delta = lambda name, **labels: value(after, name, **labels) - value(before, name, **labels)  # noqa: E731
+    assert delta("florence2_jobs_submitted_total", model="metered") == 8
+    assert delta("florence2_requests_total", method="Run", code="OK") == 5
+    assert delta("florence2_requests_total", method="Submit", code="INVALID_ARGUMENT") == 1
+    assert delta("florence2_jobs_ended_total", model="metered", outcome="cancelled") == 1
+    assert value(after, "florence2_live_workers", model="metered") == 1
+    assert value(after, "florence2_queue_depth", model="metered") == 0
+    # The worker counted the jobs it ran and their stages, and the batches it ran them in.
+    assert value(work, "florence2_jobs_ended_total", model="metered", outcome="succeeded", task="CAPTION") == 5
+    assert value(work, "florence2_jobs_ended_total", model="metered", outcome="succeeded", task="OD") == 1
+    assert value(work, "florence2_jobs_ended_total", outcome="cancelled", reason="CANCELLED") == 1
+    assert value(work, "florence2_job_stage_seconds_count", stage="end_to_end") == 6
+    assert value(work, "florence2_batch_size_sum") == 7  # every job that ran was in one batch
+    assert value(work, "florence2_batch_size_count") == 7  # of one job each (--batch-size 1)
+    assert value(work, "florence2_worker_info", model="metered", kind="noop", worker_id="metered-w") == 1
+    assert all(r.worker_id == "metered-w" for r in results)
+    assert worker.process.poll() is None
+
+
+def test_the_metrics_listener_binds_the_grpc_host_by_default():
+    from florence2_serve.server.settings import ServerSettings
+
+    assert ServerSettings(address="127.0.0.1:50051").metrics_bind_host == "127.0.0.1"
+    assert ServerSettings(address="0.0.0.0:50051", metrics_host="10.0.0.5").metrics_bind_host == "10.0.0.5"
+
+
+def _metric_names() -> set[str]:
+    """Every series name the front end and the workers can export."""
+    import florence2_serve.server.metrics as front
+    import florence2_serve.worker.metrics as work
+
+    names = {"florence2_queue_depth", "florence2_live_workers"}  # the front end's scrape-time collector
+    for module in (front, work):
+        for item in vars(module).values():
+            describe = getattr(item, "describe", None)
+            if callable(describe) and hasattr(item, "_name"):
+                for family in describe():
+                    names.add(family.name)
+                    names.update(f"{family.name}{suffix}" for suffix in ("_total", "_bucket", "_sum", "_count"))
+    return names
+
+
+def test_the_grafana_dashboard_uses_only_metrics_that_exist():
+    import re
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    assert len(expressions) >= 8
+    used = {name for expr in expressions for name in re.findall(r"\b(florence2_[a-z0-9_]+)", expr)}
+    unknown = used - _metric_names()
+    assert not unknown, unknown
+    readme = (REPO / "README.md").read_text()
+    undocumented = [name for name in _metric_names() if name.endswith(("_total", "_bucket", "_sum", "_count")) is False
+                    and f"`{name}" not in readme]
+    assert not undocumented, undocumented
