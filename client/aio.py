@@ -13,7 +13,7 @@ from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .core import STREAM_ENDED, ClientCore, DetectOutcome, InFlight, RunState
+from .core import ClientCore, DetectOutcome, InFlight, RunState
 from .errors import Florence2Error, RpcError
 from .image_input import ImageInput
 
@@ -87,7 +87,7 @@ class AsyncFlorence2Client(ClientCore):
                     yield response.event
                     if state.done:
                         return
-                error = STREAM_ENDED
+                return  # closed by the server: the job has ended (a Watch of an ended job may close empty)
             except grpc.RpcError as exc:
                 error = RpcError.from_grpc(exc)
             finally:

@@ -14,20 +14,21 @@ from pathlib import Path
 import click
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+LOG_FORMATS = click.Choice(["text", "json"])
 
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("--log-format", type=LOG_FORMATS, envvar="FLORENCE2_LOG_FORMAT", default="text", show_default=True,
+              help="Log lines as text or as JSON objects (env FLORENCE2_LOG_FORMAT).")
 @click.version_option(package_name="florence2-serve")
-def cli(verbose: bool) -> None:
+@click.pass_context
+def cli(ctx, verbose: bool, log_format: str) -> None:
     """Florence-2 inference service: front end, workers, client."""
-    _configure_logging(verbose)
+    from florence2_serve.common.log_setup import configure_logging
+
+    ctx.obj = {"log_format": log_format}
+    configure_logging(logging.DEBUG if verbose else logging.INFO, log_format)
 
 
 @cli.command()
@@ -119,6 +120,9 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker
 
+    from florence2_serve.common.tracing import setup_tracing
+
+    setup_tracing("florence2-worker")
     sys.exit(run_worker(settings))
 
 
@@ -169,6 +173,9 @@ def serve(redis_url, **options):
     from florence2_serve.server.app import serve as serve_forever
     from florence2_serve.server.settings import ServerSettings
 
+    from florence2_serve.common.tracing import setup_tracing
+
+    setup_tracing("florence2-frontend")
     try:
         settings = ServerSettings.from_env(redis_url=redis_url, **options)
         asyncio.run(serve_forever(settings, ready=lambda port: click.echo(f"listening on port {port}", err=True)))
@@ -195,9 +202,11 @@ def serve(redis_url, **options):
               default=None, help="Embedded Redis keeps its data here (append-only file, fsync every second); "
                                  "default $XDG_DATA_HOME/florence2-serve/redis (env FLORENCE2_DATA_DIR).")
 @click.option("--in-memory", is_flag=True, help="Embedded Redis keeps nothing across restarts.")
+@click.option("--dashboard", is_flag=True,
+              help="Also run rq-dashboard on the queues, at 127.0.0.1:9181 (needs the dashboard extra).")
 @_server_options
-def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, data_dir, in_memory, address,
-       **server_options):
+def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, data_dir, in_memory, dashboard,
+       address, **server_options):
     """Everything on one machine: Redis (embedded unless --redis-url), front end, N workers per model.
 
     Ctrl-C or SIGTERM: workers finish their jobs, then the front end stops, then Redis; a second
@@ -210,7 +219,8 @@ def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, d
 
     worker_args = []
     for flag, value in (("--device", device), ("--dtype", dtype), ("--attention", attention),
-                        ("--batch-size", batch_size), ("--kind", kind)):
+                        ("--batch-size", batch_size), ("--kind", kind),
+                        ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
         if value is not None:
             worker_args += [flag, str(value)]
     if in_memory and data_dir is not None:
@@ -221,6 +231,9 @@ def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, d
         address=address or "127.0.0.1:50051", worker_args=worker_args,
         server_settings={k: v for k, v in server_options.items() if v is not None},
     )
+    from florence2_serve.common.tracing import setup_tracing
+
+    setup_tracing("florence2-frontend")
     stop = threading.Event()
     stack_ref: list = []
 
@@ -238,18 +251,52 @@ def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, d
         with stack:
             names = ", ".join(name for name, _ in stack.specs)
             click.echo(f"florence2 serving {names} at {stack.address} (redis {stack.redis_url}); Ctrl-C stops", err=True)
+            board = _start_dashboard(stack.redis_url) if dashboard else None
             click.echo(stack.address)
-            while not stop.wait(0.5):
-                pass
+            try:
+                while not stop.wait(0.5):
+                    pass
+            finally:
+                if board is not None:
+                    board.terminate()
+                    board.wait(timeout=10)
             click.echo("stopping: workers finish their jobs, then the front end, then Redis", err=True)
     except StackError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
 
 
+DASHBOARD_PORT = 9181
+
+
+def _start_dashboard(redis_url: str):
+    """rq-dashboard on the stack's Redis, on 127.0.0.1 (a child of `up`, stopped with it)."""
+    import shutil
+    import subprocess
+
+    executable = Path(sys.executable).parent / "rq-dashboard"
+    if not executable.exists():
+        executable = shutil.which("rq-dashboard")
+    if not executable:
+        raise click.UsageError("--dashboard needs rq-dashboard: pip install 'florence2-serve[dashboard]'")
+    process = subprocess.Popen([str(executable), "--redis-url", redis_url, "--bind", "127.0.0.1",
+                                "--port", str(DASHBOARD_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    click.echo(f"rq-dashboard at http://127.0.0.1:{DASHBOARD_PORT}", err=True)
+    return process
+
+
 def _verbose(ctx, _param, value) -> None:
     if value:
         logging.getLogger().setLevel(logging.DEBUG)
+
+
+def _log_format(ctx, _param, value) -> None:
+    if value:
+        from florence2_serve.common.log_setup import configure_logging
+
+        configure_logging(logging.getLogger().level, value)
+        if ctx.find_root().obj is not None:
+            ctx.find_root().obj["log_format"] = value
 
 
 def _add_client_commands() -> None:
@@ -261,9 +308,11 @@ def _add_client_commands() -> None:
 
 
 def _accept_verbose_everywhere(command: click.Command) -> None:
-    """`-v` after the subcommand too (`florence2 detect -v ...`), not only before it."""
+    """`-v` and `--log-format` after the subcommand too (`florence2 detect -v ...`), not only before it."""
     command.params.append(click.Option(["-v", "--verbose"], is_flag=True, expose_value=False, is_eager=True,
                                        callback=_verbose, help="Debug logging."))
+    command.params.append(click.Option(["--log-format"], type=LOG_FORMATS, default=None, expose_value=False,
+                                       is_eager=True, callback=_log_format, help="Log lines as text or JSON."))
     for sub in getattr(command, "commands", {}).values():
         _accept_verbose_everywhere(sub)
 

@@ -16,7 +16,7 @@ from florence2_serve.common.proto_enums import TERMINAL_EVENT_TYPES, state_name,
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 
-from .errors import Florence2Error, JobFailed, RpcError
+from .errors import Florence2Error, JobFailed
 from .image_input import ImageInput, image_bytes
 from .retry import RetryPolicy
 
@@ -116,9 +116,6 @@ class RunState:
         if self.result is None:
             raise JobFailed(self.job_id, "UNKNOWN", "the job's stream ended without a result")
         return self.result
-
-
-STREAM_ENDED = RpcError(grpc.StatusCode.UNAVAILABLE, "the event stream ended before the job did")
 
 
 @dataclass

@@ -170,13 +170,15 @@ class JobRecord:
     deadline: float | None = None
     # Longest a worker may run the job once started (0: no limit).
     run_timeout_s: float = 0.0
+    # W3C trace context of the RPC that submitted it (common/tracing.py); empty without tracing.
+    trace: dict[str, str] = field(default_factory=dict)
     queue: str = ""  # the rq queue key it was enqueued on
     state: str = JobState.QUEUED.value
     worker_id: str = ""
     error: str = ""
 
     SPEC_FIELDS = ("job_id", "model", "task", "text", "region", "generation", "priority", "created", "deadline",
-                   "run_timeout_s")
+                   "run_timeout_s", "trace", "request_id")
 
     def to_hash(self) -> dict[str, str]:
         spec = {name: getattr(self, name) for name in self.SPEC_FIELDS}
@@ -193,8 +195,10 @@ class JobRecord:
     @classmethod
     def from_hash(cls, data: dict) -> "JobRecord":
         data = {_s(k): _s(v) for k, v in data.items()}
+        spec = json.loads(data["spec"])
+        spec["request_id"] = data.get("request_id", spec.get("request_id", ""))
         return cls(
-            **json.loads(data["spec"]), request_id=data.get("request_id", ""), queue=data.get("queue", ""),
+            **spec, queue=data.get("queue", ""),
             state=data.get("state", JobState.QUEUED.value), worker_id=data.get("worker_id", ""),
             error=data.get("error", ""),
         )

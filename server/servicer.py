@@ -15,11 +15,13 @@ import time
 
 import grpc
 
+from florence2_serve.common import tracing
 from florence2_serve.common.errors import Reason, quote
 from florence2_serve.common.generation import MAX_NUM_BEAMS
 from florence2_serve.common.images import ImageLimits
+from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.model_arg import MAX_MODEL_NAME
-from florence2_serve.common.proto_enums import state_to_proto, task_to_proto
+from florence2_serve.common.proto_enums import state_to_proto, task_name, task_to_proto
 from florence2_serve.common.redis_layout import MAX_PRIORITY, Event, EventType, JobState
 from florence2_serve.common.rq_bridge import QueueFull
 from florence2_serve.v1 import florence2_pb2 as pb
@@ -166,10 +168,13 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         record = new_record(spec.model, checked.task.value, spec.text, checked.region, checked.generation,
                             spec.request_id, spec.priority, min(deadlines) if deadlines else None,
                             self.settings.job_timeout_s, job_id)
-        try:
-            enqueued = await self.store.submit(record, spec.image, _fingerprint(spec), spec.priority)
-        except QueueFull as exc:
-            raise unavailable(Reason.QUEUE_FULL, str(exc)) from None
+        with tracing.rpc_span("Run" if call_deadline else "Submit", model=spec.model, task=checked.task.name,
+                              job_id=record.job_id) as carrier:
+            record.trace = carrier
+            try:
+                enqueued = await self.store.submit(record, spec.image, _fingerprint(spec), spec.priority)
+            except QueueFull as exc:
+                raise unavailable(Reason.QUEUE_FULL, str(exc)) from None
         if not enqueued.created and not enqueued.same_payload:
             raise _reused(spec.request_id)
         if enqueued.created:
@@ -213,7 +218,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
                     ended = True
                 finally:
                     if not ended and request.job.cancel_on_disconnect:
-                        self._cancel_later(job_id)
+                        self._cancel_later(job_id, request.job)
                 return
             self.store.unwatch(watcher)
             existing_id = enqueued.job_id
@@ -221,14 +226,18 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         async for message in self._relay(existing_id, self.store.events(existing_id), pb.RunResponse):
             yield message
 
-    def _cancel_later(self, job_id: str) -> None:
+    def _cancel_later(self, job_id: str, spec: pb.JobSpec) -> None:
         """Cancel a job whose Run stream the client dropped (it asked for that: cancel_on_disconnect)."""
+        fields = job_fields(job_id, spec.model, task_name(spec.task), spec.request_id)
+
         async def cancel():
             try:
                 await self.store.cancel(job_id, 0.0)
-                log.info("job %s cancelled: its client dropped the stream (cancel_on_disconnect)", job_id)
+                log.info("job %s cancelled: its client dropped the stream (cancel_on_disconnect)", job_id,
+                         extra=fields)
             except Exception:  # noqa: BLE001 - Redis away: the job runs on, as without the flag
-                log.warning("could not cancel job %s after its client went away", job_id, exc_info=True)
+                log.warning("could not cancel job %s after its client went away", job_id, exc_info=True,
+                            extra=fields)
             finally:
                 self._background.discard(task)
 

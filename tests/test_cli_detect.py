@@ -199,7 +199,7 @@ def test_every_command_and_option_has_help():
 def test_verbose_goes_after_the_subcommand_too(noop_stack):
     result = CliRunner().invoke(cli, ["models", "-v", "--server", noop_stack.address, "--json"])
     assert result.exit_code == 0, result.output
-    (model,) = json.loads(result.output)
+    (model,) = json.loads(result.stdout)
     assert model["queue_depth"] == 0 and model["kind"] == "NOOP" and "CAPTION" in model["tasks"]
 
 

@@ -95,3 +95,39 @@ def test_go_client(service, car_file, go_client):
     assert output["bad_beams"]["code"] == "InvalidArgument" and output["bad_beams"]["reason"] == "INVALID_FIELD"
     assert output["bad_beams"]["violations"] == ["job.generation.num_beams"]
     assert output["max_image_bytes"] == 30 * 1024 * 1024
+
+
+def test_node_and_go_clients_over_tls(valkey, worker_factory, tmp_path, go_client, tiny_png):
+    """The same clients against a TLS front end (certificates from tests/test_security.py's helpers)."""
+    from service_helpers import start_front_end
+    from test_security import _cert, _key, _pem_key
+
+    from cryptography.hazmat.primitives import serialization
+
+    ca_key, server_key = _key(), _key()
+    ca = _cert("test CA", ca_key, ca=True)
+    server = _cert("server", server_key, ca, ca_key, server=True)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(_pem_key(server_key))
+    front = start_front_end(valkey.connection_url, tls_cert=str(tmp_path / "server.pem"),
+                            tls_key=str(tmp_path / "server.key"))
+    worker_factory(valkey.connection_url, "tiny=noop", "--kind", "noop", worker_id="tls-w")
+    image = tmp_path / "i.png"
+    image.write_bytes(tiny_png)
+    address, ca_path = f"localhost:{front.port}", str(tmp_path / "ca.pem")
+    try:
+        kinds = ["EVENT_TYPE_QUEUED", "EVENT_TYPE_STARTED", "EVENT_TYPE_RESULT", "EVENT_TYPE_DONE"]
+        go = subprocess.run([str(go_client), address, "tiny", str(image), ca_path], capture_output=True, text=True,
+                            timeout=60)
+        assert go.returncode == 0, go.stderr
+        assert json.loads(go.stdout)["types"] == kinds
+        _require(["node"], "Node.js 20")
+        node = subprocess.run(["node", str(REPO / "tests" / "node" / "client.mjs"), address, "tiny", str(image),
+                               str(_googleapis_protos()), ca_path], capture_output=True, text=True, timeout=60)
+        assert node.returncode == 0, node.stderr
+        output = json.loads(node.stdout)
+        assert [e["type"] for e in output["events"]] == kinds and output["error"]["reason"] == "UNKNOWN_MODEL"
+    finally:
+        front.stop()
+

@@ -451,7 +451,9 @@ def test_thousands_of_watchers_leave_submit_working(valkey, worker_factory, tiny
             process.kill()
         front.terminate()
         front.wait(timeout=30)
-    assert redis_clients <= 10, f"{redis_clients} Redis clients with {watchers} watchers open"
+    # Fixed connections only: this test's, the workers', the front end's two and its metrics collector's
+    # one (it reads queue depths at scrape time); none per watcher.
+    assert redis_clients <= 11, f"{redis_clients} Redis clients with {watchers} watchers open"
     assert ends == {"DONE": watchers}
 
 

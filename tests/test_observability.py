@@ -112,3 +112,46 @@ def test_the_grafana_dashboard_uses_only_metrics_that_exist():
     undocumented = [name for name in _metric_names() if name.endswith(("_total", "_bucket", "_sum", "_count")) is False
                     and f"`{name}" not in readme]
     assert not undocumented, undocumented
+
+
+def test_json_logs_carry_the_jobs_fields(valkey, front_end_factory, tmp_path, tiny_png):
+    import os
+    import subprocess
+    import sys
+
+    front = front_end_factory(valkey.connection_url)
+    log_path = tmp_path / "worker.log"
+    env = dict(os.environ, REDIS_URL=valkey.connection_url)
+    env.pop("PYTHONPATH", None)
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "florence2_serve.client.cli", "worker", "--model", "logged=noop",
+                                   "--kind", "noop", "--worker-id", "log-w", "-v", "--log-format", "json"],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with Florence2Client(f"127.0.0.1:{front.port}", timeout=60) as client:
+            wait_for(lambda: any(m.name == "logged" and m.live_workers for m in client.list_models()), timeout=60,
+                     message="worker registered")
+            spec = job_spec(tiny_png, "logged", "CAPTION", request_id="req-42")
+            job_id = client.submit(spec).job_id
+            client.wait(job_id)
+            wait_for(lambda: job_id in log_path.read_text(), message="a log line about the job")
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert lines and all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    about = [line for line in lines if line.get("job_id") == job_id]
+    assert about and about[0]["model"] == "logged" and about[0]["task"] == "CAPTION"
+    assert about[0]["request_id"] == "req-42"
+    assert not [line for line in lines if line["logger"].startswith("rq") and line["level"] == "INFO"]
+
+
+def test_text_logs_append_the_jobs_fields():
+    import logging
+
+    from florence2_serve.common.log_setup import _TextWithJob, job_fields
+
+    record = logging.LogRecord("w", logging.INFO, __file__, 1, "job %s cancelled", ("j1",), None)
+    for key, item in job_fields("j1", "base", "OD", "r1").items():
+        setattr(record, key, item)
+    assert _TextWithJob("%(message)s").format(record) == "job j1 cancelled [job_id=j1 model=base task=OD request_id=r1]"

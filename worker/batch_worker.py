@@ -43,10 +43,13 @@ from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.common import tracing
+from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.images import ImageError, decode_image
 from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
+from florence2_serve.v1 import florence2_pb2 as pb
 
 from . import metrics
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
@@ -55,6 +58,7 @@ from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
+_NO_TIMINGS = pb.Timings()
 
 
 class BatchWorker:
@@ -371,9 +375,17 @@ class BatchWorker:
             if item.outcome == "started":
                 continue
             record = item.job.record
-            metrics.job_ended(model, Task(record.task).name, item.state, item.error.reason if item.error else "")
+            reason = item.error.reason if item.error else ""
+            metrics.job_ended(model, Task(record.task).name, item.state, reason)
+            log.debug("job %s ended %s %s", record.job_id, item.state, reason,
+                      extra=job_fields(record.job_id, model, Task(record.task).name, record.request_id))
             if item.result is not None:
                 metrics.job_stages(model, item.result.timings, now - record.created)
+            if record.trace:
+                timings = item.result.timings if item.result is not None else None
+                started = record.created + (timings.queue_ms / 1000 if timings else now - record.created)
+                tracing.job_spans(record.trace, record.job_id, model, Task(record.task).name, record.created,
+                                  started, timings or _NO_TIMINGS, now, item.state)
 
     def _retry_until_done(self, what: str, write):
         """Run a Redis write until it succeeds: a worker keeps its results through any outage."""
@@ -409,7 +421,9 @@ class BatchWorker:
             if waiting:
                 self._ready.remove(held)
                 self._ready_changed.notify_all()
-        log.info("job %s cancelled", job_id)
+        record = held.job.record
+        log.info("job %s cancelled", job_id,
+                 extra=job_fields(job_id, record.model, Task(record.task).name, record.request_id))
         if waiting:
             self._finishing.put([Finished(held.job, "stopped", JobState.CANCELLED.value, CANCELLED_BEFORE_RUN,
                                           started_at=held.taken_at)])

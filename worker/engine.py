@@ -15,6 +15,7 @@ from collections import defaultdict
 from typing import Callable
 
 from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.postprocess import parse_generation
 from florence2_serve.common.tasks import FLORENCE_TASKS, SPECS, Input, Task, build_prompt
@@ -105,7 +106,9 @@ class Florence2Engine:
             results = self._generate(settings, group)
         except Exception as exc:  # noqa: BLE001 - isolate the failure to the request that causes it
             if len(group) == 1:
-                log.exception("generate failed for job %s", group[0][0].request_id)
+                request = group[0][0]
+                log.exception("generate failed for job %s", request.request_id,
+                              extra=job_fields(request.request_id, str(self.loaded.model_id), request.task.name))
                 outcomes[id(group[0][0])].error = JobError(
                     Reason.INFERENCE_FAILED.value, "inference failed on the worker (its log has the details)")
                 return

@@ -8,6 +8,7 @@ from rq.exceptions import AbandonedJobError
 
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.errors import JobError, Reason
+from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.redis_layout import EventType, JobState
 
 log = logging.getLogger(__name__)
@@ -17,18 +18,25 @@ def run_job() -> None:
     raise RuntimeError("florence2 jobs are run by `florence2 worker` (it batches them), not by a plain rq worker")
 
 
+def _model_of(job) -> str:
+    """The model of an rq job, from its queue's name (florence2:<model>[:p<N>])."""
+    origin = (job.origin or "").removeprefix("florence2:")
+    return origin.rsplit(":p", 1)[0] if ":p" in origin else origin
+
+
 def on_failure(job, connection, exc_type, exc_value, traceback) -> None:
     """rq's failure callback. rq calls it (in a worker's maintenance) for a job whose worker died."""
     if exc_type is None or not issubclass(exc_type, AbandonedJobError):
         return  # failures our workers handle write their own events
     ttl = job.result_ttl if job.result_ttl and job.result_ttl > 0 else 3600
     if job.retries_left:
-        log.warning("job %s lost its worker; re-running it (%d retries left)", job.id, job.retries_left)
+        log.warning("job %s lost its worker; re-running it (%d retries left)", job.id, job.retries_left,
+                    extra=job_fields(job.id, _model_of(job)))
         rq_bridge.append_event(connection, job.id, EventType.QUEUED.value, JobState.QUEUED.value,
                                JobError(Reason.WORKER_LOST.value,
                                         "back in the queue: the worker running it stopped heartbeating"), ttl)
         return
     reason = "the worker running this job died (or stopped heartbeating) on every attempt; giving up"
-    log.warning("job %s: %s", job.id, reason)
+    log.warning("job %s: %s", job.id, reason, extra=job_fields(job.id, _model_of(job)))
     rq_bridge.append_event(connection, job.id, EventType.FAILED.value, JobState.FAILED.value,
                            JobError(Reason.WORKER_LOST.value, reason), ttl)

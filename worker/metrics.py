@@ -6,7 +6,7 @@ holds (model kind, dtype, attention, load time, GPU memory). Listed in README's 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Gauge, Histogram
 
 from florence2_serve.common import metrics as shared
 

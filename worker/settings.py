@@ -57,6 +57,8 @@ class WorkerSettings:
             values["result_ttl_s"] = int(environ["FLORENCE2_RESULT_TTL"])
         if environ.get("FLORENCE2_WORKER_METRICS_PORT"):
             values["metrics_port"] = int(environ["FLORENCE2_WORKER_METRICS_PORT"])
+        if environ.get("FLORENCE2_WORKER_METRICS_HOST"):
+            values["metrics_host"] = environ["FLORENCE2_WORKER_METRICS_HOST"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

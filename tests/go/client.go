@@ -1,6 +1,6 @@
 // Cross-language check: a statically typed Go client generated from protos/ with protoc-gen-go and
 // protoc-gen-go-grpc (its import path from the proto's go_package, no M flags).
-// Usage: client ADDRESS MODEL IMAGE_PATH -> one JSON line: models, Run events with typed boxes, and
+// Usage: client ADDRESS MODEL IMAGE_PATH [CA_PEM (TLS)] -> one JSON line: models, Run events with typed boxes, and
 // the structured errors (google.rpc.ErrorInfo reason, BadRequest field violations) of two bad Submits.
 package main
 
@@ -14,6 +14,7 @@ import (
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	pb "github.com/florence2-serve/florence2-serve/gen/go/florence2/v1"
@@ -59,7 +60,13 @@ func main() {
 	address, model, imagePath := os.Args[1], os.Args[2], os.Args[3]
 	image, err := os.ReadFile(imagePath)
 	check(err)
-	conn, err := grpc.Dial(address, grpc.WithInsecure())
+	transport := grpc.WithInsecure()
+	if len(os.Args) > 4 {
+		tls, err := credentials.NewClientTLSFromFile(os.Args[4], "")
+		check(err)
+		transport = grpc.WithTransportCredentials(tls)
+	}
+	conn, err := grpc.Dial(address, transport)
 	check(err)
 	defer conn.Close()
 	client := pb.NewFlorence2ServiceClient(conn)

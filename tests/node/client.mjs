@@ -1,5 +1,5 @@
 // Cross-language check: a Node.js client built from protos/ at run time (no Python involved).
-// Usage: node client.mjs ADDRESS MODEL IMAGE_PATH GOOGLEAPIS_PROTO_DIR
+// Usage: node client.mjs ADDRESS MODEL IMAGE_PATH GOOGLEAPIS_PROTO_DIR [CA_PEM (TLS)]
 // Prints one JSON line: the models, the Run events, and the structured error of a bad Submit
 // (code, and the google.rpc.ErrorInfo reason read from the grpc-status-details-bin trailer).
 import { readFileSync } from "node:fs";
@@ -9,13 +9,14 @@ import grpc from "@grpc/grpc-js";
 import protoLoader from "@grpc/proto-loader";
 import protobuf from "protobufjs";
 
-const [address, model, imagePath, googleProtos] = process.argv.slice(2);
+const [address, model, imagePath, googleProtos, caPath] = process.argv.slice(2);
 const protos = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../protos");
 const definition = protoLoader.loadSync("florence2/v1/florence2.proto", {
   includeDirs: [protos], keepCase: true, enums: String, longs: Number, defaults: true,
 });
 const { Florence2Service } = grpc.loadPackageDefinition(definition).florence2.v1;
-const client = new Florence2Service(address, grpc.credentials.createInsecure());
+const credentials = caPath ? grpc.credentials.createSsl(readFileSync(caPath)) : grpc.credentials.createInsecure();
+const client = new Florence2Service(address, credentials);
 const image = readFileSync(imagePath);
 
 const rpc = new protobuf.Root();
