@@ -61,14 +61,14 @@ class _Answered:
         return False
 
 
-async def _abort_for(exc: Exception, name: str, context) -> None:
+def _error_for(exc: Exception, name: str) -> ServiceError:
+    """The rich error a call that raised `exc` answers with (never library text)."""
     if isinstance(exc, ServiceError):
-        await exc.abort(context)
-    elif isinstance(exc, REDIS_ERRORS):
-        await store_unavailable().abort(context)
-    else:  # never leak library text to a client
-        log.exception("%s failed", name)
-        await internal().abort(context)
+        return exc
+    if isinstance(exc, REDIS_ERRORS):
+        return store_unavailable()
+    log.exception("%s failed", name)
+    return internal()
 
 
 def _guarded_unary(method):
@@ -80,9 +80,9 @@ def _guarded_unary(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                answered.code = exc.code if isinstance(exc, ServiceError) else (
-                    grpc.StatusCode.UNAVAILABLE if isinstance(exc, REDIS_ERRORS) else grpc.StatusCode.INTERNAL)
-                await _abort_for(exc, method.__name__, context)
+                error = _error_for(exc, method.__name__)
+                answered.code = error.code
+                await error.abort(context)
     return wrapper
 
 
@@ -96,9 +96,9 @@ def _guarded_stream(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                answered.code = exc.code if isinstance(exc, ServiceError) else (
-                    grpc.StatusCode.UNAVAILABLE if isinstance(exc, REDIS_ERRORS) else grpc.StatusCode.INTERNAL)
-                await _abort_for(exc, method.__name__, context)
+                error = _error_for(exc, method.__name__)
+                answered.code = error.code
+                await error.abort(context)
     return wrapper
 
 

@@ -155,3 +155,19 @@ def test_text_logs_append_the_jobs_fields():
     for key, item in job_fields("j1", "base", "OD", "r1").items():
         setattr(record, key, item)
     assert _TextWithJob("%(message)s").format(record) == "job j1 cancelled [job_id=j1 model=base task=OD request_id=r1]"
+
+
+def test_each_hugging_face_warning_is_logged_once(capsys):
+    import logging
+
+    from florence2_serve.common.log_setup import configure_logging
+
+    configure_logging(logging.INFO, "text")
+    try:
+        for _ in range(3):
+            logging.getLogger("transformers.modeling_utils").warning("Some weights were not initialized")
+            logging.getLogger("florence2_serve.worker").warning("our own warning")
+        err = capsys.readouterr().err
+        assert err.count("Some weights were not initialized") == 1 and err.count("our own warning") == 3
+    finally:
+        logging.getLogger().handlers.clear()
