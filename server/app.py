@@ -102,6 +102,7 @@ class FrontEnd:
         self._health_task: asyncio.Task | None = None
         self._model_names: set[str] = set()
         self._collector = None
+        self.servicer = None
 
     async def start(self) -> None:
         if self.settings.metrics_port:
@@ -151,6 +152,8 @@ class FrontEnd:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
+        if self.servicer is not None:
+            self.servicer.stopping = True  # streams ended by our shutdown are no client's disconnect
         await self.health_servicer.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.store.close()
@@ -181,7 +184,8 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
         ],
     )
     store = JobStore(settings)
-    pb_grpc.add_Florence2ServiceServicer_to_server(Florence2Servicer(settings, store), server)
+    servicer = Florence2Servicer(settings, store)
+    pb_grpc.add_Florence2ServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
@@ -197,7 +201,9 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
         port = 0
     if port == 0:
         raise AddressInUse(f"cannot listen on {bind}: the port is in use or the address is not available")
-    return FrontEnd(server, port, store, health_servicer, settings), port
+    front_end = FrontEnd(server, port, store, health_servicer, settings)
+    front_end.servicer = servicer
+    return front_end, port
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

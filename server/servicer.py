@@ -120,6 +120,8 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         self.settings = settings
         self.store = store
         self._background: set[asyncio.Task] = set()
+        # Set when the front end shuts down: the streams it ends then are not clients going away.
+        self.stopping = False
         self.images = ImageGate(ImageLimits(max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes),
                                 settings.image_check_pixels)
 
@@ -217,7 +219,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
                         yield message
                     ended = True
                 finally:
-                    if not ended and request.job.cancel_on_disconnect:
+                    if not ended and request.job.cancel_on_disconnect and not self.stopping:
                         self._cancel_later(job_id, request.job)
                 return
             self.store.unwatch(watcher)

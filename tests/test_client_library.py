@@ -236,3 +236,24 @@ def test_readme_client_examples_run_as_written(valkey, front_end_factory, worker
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip(), "the example printed nothing"
 
+
+
+def test_a_graceful_front_end_shutdown_is_not_a_client_disconnect(valkey, worker_factory, tiny_png):
+    """cancel_on_disconnect cancels when the client goes away, not when the front end stops under it."""
+    from service_helpers import start_front_end
+
+    worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", worker_id="graceful-w")
+    front = start_front_end(valkey.connection_url)
+    with Florence2Client(f"127.0.0.1:{front.port}", timeout=30, retry=NO_RETRY) as client:
+        # Longer than the front end's 2 s shutdown grace: the stream is cut while the job runs.
+        spec = job_spec(tiny_png, "nop", "CAPTION", min_new_tokens=4000, max_new_tokens=4000,
+                        cancel_on_disconnect=True)
+        call = client.stub.Run(pb.RunRequest(job=spec), timeout=30)
+        job_id = next(call).event.job_id
+        front.stop()
+    again = start_front_end(valkey.connection_url)
+    try:
+        with Florence2Client(f"127.0.0.1:{again.port}", timeout=30) as client:
+            assert client.wait(job_id).generated_tokens == 4000
+    finally:
+        again.stop()
