@@ -43,22 +43,20 @@ from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.generation import GenerationSettings
-from florence2_serve.common import tracing
 from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.images import ImageError, decode_image
 from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
-from florence2_serve.v1 import florence2_pb2 as pb
 
 from . import metrics
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
 from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
+from .reporting import report_closed, report_ended
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-_NO_TIMINGS = pb.Timings()
 
 
 class BatchWorker:
@@ -170,9 +168,7 @@ class BatchWorker:
                         result_ttl=settings.result_ttl_s, execution_prefix=self._next_execution_prefix(),
                         closed=closed)
                     outage.ok()
-                    for job in closed:
-                        metrics.job_ended(settings.model_name, Task(job.task).name if job.task else "",
-                                          job.state, job.reason)
+                    report_closed(settings.model_name, closed)
                 except REDIS_ERRORS as exc:
                     outage.failed(exc)
                     time.sleep(0.5)
@@ -355,7 +351,7 @@ class BatchWorker:
                 self.connection, ended, ttl=settings.result_ttl_s, worker_name=settings.worker_id,
                 worker_id=settings.worker_id, worked_s=worked, counters=(layout.worker_key(settings.worker_id), calls)))
             self._generate_calls_written += calls
-            self._count(ended)
+            report_ended(self.settings.model_name, ended)
         if requeue:
             self._retry_until_done("requeue", lambda: rq_bridge.requeue(
                 self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
@@ -367,25 +363,6 @@ class BatchWorker:
                     self._held.pop(item.job.job_id, None)
             for job in requeue:
                 self._held.pop(job.job_id, None)
-
-    def _count(self, ended: list[Finished]) -> None:
-        """Metrics of the jobs whose ends were just written."""
-        model, now = self.settings.model_name, time.time()
-        for item in ended:
-            if item.outcome == "started":
-                continue
-            record = item.job.record
-            reason = item.error.reason if item.error else ""
-            metrics.job_ended(model, Task(record.task).name, item.state, reason)
-            log.debug("job %s ended %s %s", record.job_id, item.state, reason,
-                      extra=job_fields(record.job_id, model, Task(record.task).name, record.request_id))
-            if item.result is not None:
-                metrics.job_stages(model, item.result.timings, now - record.created)
-            if record.trace:
-                timings = item.result.timings if item.result is not None else None
-                started = record.created + (timings.queue_ms / 1000 if timings else now - record.created)
-                tracing.job_spans(record.trace, record.job_id, model, Task(record.task).name, record.created,
-                                  started, timings or _NO_TIMINGS, now, item.state)
 
     def _retry_until_done(self, what: str, write):
         """Run a Redis write until it succeeds: a worker keeps its results through any outage."""
