@@ -60,6 +60,19 @@ def configure_logging(level: int = logging.INFO, fmt: str = "text") -> None:
     logging.captureWarnings(True)
     for name in ("rq", "rq.worker", "rq.queue", "rq.job"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    route_library_logs()
+
+
+def route_library_logs() -> None:
+    """Send the Hugging Face libraries' records through our handler (its format, its once-filter).
+
+    transformers and huggingface_hub give their root loggers a handler of their own and stop
+    propagation when they are first imported; call this again after importing them.
+    """
+    for name in ("transformers", "huggingface_hub"):
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
 
 
 def job_fields(job_id: str, model: str = "", task: str = "", request_id: str = "") -> dict:

@@ -160,8 +160,12 @@ def test_text_logs_append_the_jobs_fields():
 def test_each_hugging_face_warning_is_logged_once(capsys):
     import logging
 
+    import transformers  # noqa: F401 - imported first, as in a worker: it installs its own handler
+
     from florence2_serve.common.log_setup import configure_logging
 
+    logging.getLogger("transformers").addHandler(logging.StreamHandler())  # as transformers' own setup does
+    logging.getLogger("transformers").propagate = False
     configure_logging(logging.INFO, "text")
     try:
         for _ in range(3):

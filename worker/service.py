@@ -17,6 +17,7 @@ import time
 import redis
 
 from florence2_serve.common import redis_layout as layout
+from florence2_serve.common.log_setup import route_library_logs
 from florence2_serve.common.rq_bridge import check_rq_version
 
 from .settings import WorkerSettings
@@ -123,6 +124,7 @@ def run_worker(settings: WorkerSettings) -> int:
     except (ModelLoadError, ValueError) as exc:
         log.error("%s", exc)
         return 2
+    route_library_logs()  # transformers is imported by now: its warnings take our format, once each
     engine = create_engine(loaded)
     if not _serve_metrics(settings, loaded):
         return 4
