@@ -13,7 +13,7 @@ from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .core import ClientCore, DetectOutcome, InFlight, RunState
+from .core import ClientCore, DetectOutcome, DetectRunBase, RunState
 from .errors import Florence2Error, RpcError
 from .image_input import ImageInput
 
@@ -117,14 +117,7 @@ class AsyncFlorence2Client(ClientCore):
         return AsyncDetectRun(self, images, model, task, concurrency, timeout, options)
 
 
-class AsyncDetectRun:
-    def __init__(self, client: AsyncFlorence2Client, images, model, task, concurrency: int, timeout, options: dict):
-        if concurrency < 1:
-            raise ValueError("concurrency must be at least 1")
-        self.client, self.images, self.model, self.task = client, images, model, task
-        self.concurrency, self.timeout, self.options = concurrency, timeout, options
-        self.in_flight = InFlight()
-
+class AsyncDetectRun(DetectRunBase):
     async def __aiter__(self):
         source = enumerate(self.images)
         pending: set[asyncio.Task] = set()
@@ -147,25 +140,16 @@ class AsyncDetectRun:
                     task.cancel()
 
     async def _one(self, index: int, image) -> DetectOutcome:
-        outcome = DetectOutcome(index, image)
-        try:
-            spec = self.client.spec(image, self.model, self.task, **self.options)
-        except (TypeError, ValueError, OSError) as exc:
-            outcome.error = Florence2Error(str(exc))
+        outcome, spec = self._prepare(index, image)
+        if spec is None:
             return outcome
-        outcome.request_id = spec.request_id
-        self.in_flight.started(spec.request_id)
-        state = RunState()
+        state, error = RunState(), None
         try:
             async for event in self.client._follow(state, spec, self.timeout):
                 self.in_flight.known(spec.request_id, event.job_id)
-            outcome.result = state.outcome()
         except Florence2Error as exc:
-            outcome.error = exc
-        finally:
-            self.in_flight.ended(spec.request_id)
-            outcome.job_id = state.job_id
-        return outcome
+            error = exc
+        return self._finish(outcome, state, error)
 
     async def cancel(self) -> int:
         self.in_flight.stopped = True

@@ -153,3 +153,39 @@ class InFlight:
 
     def snapshot(self) -> list[tuple[str, str]]:
         return list(self.jobs.items())
+
+
+class DetectRunBase:
+    """A detect_many run's state and its non-I/O steps; Florence2Client's DetectRun and the asyncio
+    client's AsyncDetectRun add only the I/O."""
+
+    def __init__(self, client, images, model: str, task, concurrency: int, timeout, options: dict):
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.client, self.images, self.model, self.task = client, images, model, task
+        self.concurrency, self.timeout, self.options = concurrency, timeout, options
+        self.in_flight = InFlight()
+
+    def _prepare(self, index: int, image) -> tuple[DetectOutcome, pb.JobSpec | None]:
+        """The outcome to fill and the spec to run (None when the image itself is unusable)."""
+        outcome = DetectOutcome(index, image)
+        try:
+            spec = self.client.spec(image, self.model, self.task, **self.options)
+        except (TypeError, ValueError, OSError) as exc:
+            outcome.error = Florence2Error(str(exc))
+            return outcome, None
+        outcome.request_id = spec.request_id
+        self.in_flight.started(spec.request_id)
+        return outcome, spec
+
+    def _finish(self, outcome: DetectOutcome, state: "RunState", error: Florence2Error | None) -> DetectOutcome:
+        if error is None:
+            try:
+                outcome.result = state.outcome()
+            except Florence2Error as exc:
+                error = exc
+        outcome.error = error
+        self.in_flight.ended(outcome.request_id)
+        outcome.job_id = state.job_id
+        return outcome
+
