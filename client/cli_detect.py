@@ -7,6 +7,7 @@ outstanding jobs on the server, prints what was written and exits 130; a second 
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -103,8 +104,6 @@ def _describe(outcome: DetectOutcome, as_json: bool, task: Task) -> str:
             line["result"] = to_json(outcome.result)
         else:
             line["error"] = _error_json(outcome.error)
-        import json
-
         return json.dumps(line, ensure_ascii=False)
     if not outcome.ok:
         return f"{image.path}: FAILED {outcome.error} (job {outcome.job_id or '-'})"

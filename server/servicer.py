@@ -60,15 +60,17 @@ class _Answered:
         metrics.REQUEST_SECONDS.labels(self.name).observe(time.perf_counter() - self.started)
         return False
 
-
-def _error_for(exc: Exception, name: str) -> ServiceError:
-    """The rich error a call that raised `exc` answers with (never library text)."""
-    if isinstance(exc, ServiceError):
-        return exc
-    if isinstance(exc, REDIS_ERRORS):
-        return store_unavailable()
-    log.exception("%s failed", name)
-    return internal()
+    async def fail(self, exc: Exception) -> None:
+        """Answer with the rich error for `exc` (never library text) and record its code; raises AbortError."""
+        if isinstance(exc, ServiceError):
+            error = exc
+        elif isinstance(exc, REDIS_ERRORS):
+            error = store_unavailable()
+        else:
+            log.exception("%s failed", self.name)
+            error = internal()
+        self.code = error.code
+        await error.abort(self.context)
 
 
 def _guarded_unary(method):
@@ -80,9 +82,7 @@ def _guarded_unary(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                error = _error_for(exc, method.__name__)
-                answered.code = error.code
-                await error.abort(context)
+                await answered.fail(exc)
     return wrapper
 
 
@@ -96,9 +96,7 @@ def _guarded_stream(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                error = _error_for(exc, method.__name__)
-                answered.code = error.code
-                await error.abort(context)
+                await answered.fail(exc)
     return wrapper
 
 

@@ -147,10 +147,11 @@ def test_a_front_end_restart_mid_job_costs_the_caller_nothing(valkey, worker_fac
 
 
 def _healthy(client) -> bool:
-    try:
-        return Florence2Client(client.address, timeout=2, retry=NO_RETRY).health() == "SERVING"
-    except Florence2Error:
-        return False
+    with Florence2Client(client.address, timeout=2, retry=NO_RETRY) as probe:
+        try:
+            return probe.health() == "SERVING"
+        except Florence2Error:
+            return False
 
 
 def test_detect_many_yields_as_completed_with_per_image_errors(stack, tmp_path):
