@@ -55,13 +55,14 @@ def doctor(as_json: bool, model: str | None, device: str, attention: str, redis_
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--size", type=click.Choice(["tiny", "base", "large"]), default="tiny", show_default=True,
               help="tiny: seconds to build, for tests; base/large: full-size shapes with random weights, for timing.")
-@click.option("--remote-code", is_flag=True, help="Build the tiny remote-code (auto_map) fixture instead.")
+@click.option("--remote-code", is_flag=True,
+              help="Build a Microsoft-format (remote-code, auto_map) checkpoint instead, of --size tiny, base or large.")
 @click.option("--yolo", is_flag=True, help="Build a YOLOv8n from its config instead (needs the yolo extra).")
 def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) -> None:
     """Build a Florence-2 (or YOLOv8) checkpoint offline, with random weights (marked as such)."""
     from rich.console import Console
 
-    what = "YOLOv8n" if yolo else ("tiny remote-code Florence-2" if remote_code else f"{size} Florence-2")
+    what = "YOLOv8n" if yolo else (f"{size} Microsoft-format Florence-2" if remote_code else f"{size} Florence-2")
     with Console(stderr=True).status(f"building a {what} with random weights in {directory} …"):
         if yolo:
             from florence2_serve.worker.yolo import build_yolo
@@ -70,12 +71,39 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
         elif remote_code:
             from florence2_serve.worker.fixtures import build_remote_code
 
-            path = build_remote_code(directory)
+            path = build_remote_code(directory, size=size)
         else:
             from florence2_serve.worker.model_builder import build_native
 
             path = build_native(directory, size=size)
     click.echo(str(path))
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("destination", type=click.Path(file_okay=False))
+@click.option("--revision", default=None, help="Hub revision of SOURCE (a branch, tag or commit).")
+@click.option("--overwrite", is_flag=True, help="Replace DESTINATION if it already holds files.")
+def convert(source: str, destination: str, revision: str | None, overwrite: bool) -> None:
+    """Convert a Microsoft-format Florence-2 checkpoint (SOURCE: a directory or hub id, with auto_map and
+    modeling_florence2.py) into a native one in DESTINATION, without running its code. Workers do the same
+    on load by themselves; this writes the result where you want it."""
+    from rich.console import Console
+
+    from florence2_serve.worker.conversion import ConversionError
+    from florence2_serve.worker.conversion_cache import convert_source
+
+    target = Path(destination)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise click.UsageError(f"{destination} is not empty; pass --overwrite to replace its files")
+    with Console(stderr=True).status(f"converting {source} …"):
+        try:
+            report = convert_source(source, target, revision)
+        except ConversionError as exc:
+            raise click.ClickException(f"cannot convert {source}: {exc}") from None
+    click.echo(f"converted {source} -> {destination}: {report.tensors} tensors in {report.seconds:.1f}s"
+               + (f"; not carried over (Florence-2 never reads them): {', '.join(report.unused)}"
+                  if report.unused else ""))
 
 
 @cli.command()
@@ -88,7 +116,8 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None,
               help="Attention implementation (default eager; never flash-attn).")
 @click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None,
-              help="Checkpoint kind; auto reads config.json (auto_map means remote code). "
+              help="Checkpoint kind; auto reads config.json: a Microsoft-format (auto_map) checkpoint is converted "
+                   "to native once and served natively; remote forces its own code (transformers < 4.50 only). "
                    "noop: no model, empty results at once (for measuring the service itself).")
 @click.option("--batch-size", type=int, default=None, help="Most jobs per generate (default 8).")
 @click.option("--batch-wait-ms", type=float, default=None, help="Under load, wait this long to fill a batch (default 5).")
@@ -102,8 +131,11 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (env FLORENCE2_WORKER_METRICS_PORT; default off).")
 @click.option("--metrics-host", default=None, help="Host the metrics listener binds (default 127.0.0.1).")
+@click.option("--convert-cache", default=None,
+              help="Where Microsoft-format checkpoints converted on load are kept "
+                   "(env FLORENCE2_CONVERT_CACHE; default ~/.cache/florence2-serve/converted).")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
-           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host):
+           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
 
     SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
@@ -115,7 +147,8 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
             model, redis_url=redis_url, device=device, dtype=dtype, attention=attention, kind=kind,
             batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
             job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s,
-            exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host)
+            exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host,
+            convert_cache=convert_cache)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker

@@ -57,3 +57,14 @@ def event_type_to_proto(event_type: EventType) -> int:
 def event_type_name(value: int) -> str:
     found = _EVENT_TYPE_NAMES.get(value)
     return found.value if found else "UNSPECIFIED"
+
+
+# Worker registrations spell the checkpoint format as LoadedModel.source_format does.
+_FORMATS = {"native": pb.CHECKPOINT_FORMAT_NATIVE, "microsoft": pb.CHECKPOINT_FORMAT_MICROSOFT,
+            "remote": pb.CHECKPOINT_FORMAT_REMOTE_CODE, "yolo": pb.CHECKPOINT_FORMAT_YOLO,
+            "noop": pb.CHECKPOINT_FORMAT_NONE}
+
+
+def checkpoint_format_to_proto(name: str) -> int:
+    """A registration's source_format -> CheckpointFormat (UNSPECIFIED for a worker that did not say)."""
+    return _FORMATS.get(name, pb.CHECKPOINT_FORMAT_UNSPECIFIED)

@@ -21,7 +21,7 @@ from florence2_serve.common.generation import MAX_NUM_BEAMS
 from florence2_serve.common.images import ImageLimits
 from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.model_arg import MAX_MODEL_NAME
-from florence2_serve.common.proto_enums import state_to_proto, task_name, task_to_proto
+from florence2_serve.common.proto_enums import checkpoint_format_to_proto, state_to_proto, task_name, task_to_proto
 from florence2_serve.common.redis_layout import MAX_PRIORITY, Event, EventType, JobState
 from florence2_serve.common.rq_bridge import QueueFull
 from florence2_serve.v1 import florence2_pb2 as pb
@@ -328,6 +328,8 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
                 info.tasks.extend(sorted(task_to_proto(task) for task in model.tasks))
                 info.max_new_tokens = model.max_new_tokens
                 info.max_text_tokens = model.max_text_tokens
+            formats = {worker.source_format for worker in info.workers}
+            info.source_format = formats.pop() if len(formats) == 1 else pb.CHECKPOINT_FORMAT_UNSPECIFIED
             response.models.append(info)
         return response
 
@@ -340,7 +342,8 @@ def _worker_info(view) -> pb.WorkerInfo:
         batch_size=int(f.get("batch_size", 0)), model_id=f.get("model_id", ""),
         model_revision=f.get("model_revision", ""), random_weights=f.get("random_weights") == "1",
         jobs_done=int(f.get("jobs_done", 0)), generate_calls=int(f.get("generate_calls", 0)),
-        state=f.get("state", ""),
+        state=f.get("state", ""), source_format=checkpoint_format_to_proto(f.get("source_format", "")),
+        converted=f.get("converted") == "1",
     )
 
 

@@ -111,5 +111,5 @@ def test_broken_flash_attn_wheel_fails_without_shim_and_loads_with_it(tmp_path, 
     with_shim = run_python(LOAD_REMOTE.format(use_shim=True, path=str(remote_code_dir)), PYTHONPATH=pythonpath,
                            HF_HUB_OFFLINE=1)
     assert with_shim.returncode == 0, with_shim.stderr[-3000:]
-    assert "LOADED TinyFlorenceForConditionalGeneration" in with_shim.stdout
+    assert "LOADED Florence2ForConditionalGeneration" in with_shim.stdout
     assert "installed_package='broken'" in with_shim.stdout

@@ -35,9 +35,9 @@ def test_both_loaders_import_in_this_environment(remote_code_dir):
 
     flash_attn_shim.install()
     cls = get_class_from_dynamic_module(
-        "modeling_tinyflorence.TinyFlorenceForConditionalGeneration", str(remote_code_dir)
+        "modeling_florence2.Florence2ForConditionalGeneration", str(remote_code_dir)
     )
-    assert cls.__name__ == "TinyFlorenceForConditionalGeneration"
+    assert cls.__name__ == "Florence2ForConditionalGeneration"
 
 
 def test_kind_detection(tiny_model_dir, remote_code_dir):
@@ -47,10 +47,11 @@ def test_kind_detection(tiny_model_dir, remote_code_dir):
         detect_kind({"model_type": "bert"})
 
 
-def test_remote_code_on_new_transformers_names_the_legacy_extra(remote_code_dir):
+def test_forcing_remote_code_on_new_transformers_names_the_legacy_extra(remote_code_dir, tmp_path):
     assert can_run("native")[0]
     with pytest.raises(ModelLoadError, match=r"florence2-serve\[legacy\]"):
-        load_model(str(remote_code_dir))
+        load_model(str(remote_code_dir), LoadOptions(kind="remote", convert_cache=str(tmp_path)))
+    assert not list(tmp_path.iterdir()), "--kind remote must not convert"
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
@@ -115,7 +116,7 @@ def test_cuda_requested_without_cuda_is_an_error(tiny_model_dir):
 
 @pytest.mark.slow
 def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_path, tiny_model_dir):
-    """transformers < 4.50: build the remote-code fixture, load it through our loader, run a batch."""
+    """transformers < 4.50: a Microsoft-format checkpoint runs by its own code (native cannot run there)."""
     code = textwrap.dedent(f"""
         import transformers
         assert transformers.__version__.startswith("4."), transformers.__version__
@@ -128,13 +129,14 @@ def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_pat
         from florence2_serve.common.tasks import Task
         path = build_remote_code({str(tmp_path / 'remote')!r})
         loaded = load_model(str(path), LoadOptions(attention="sdpa"))
-        assert loaded.kind == "remote" and loaded.random_weights
+        assert loaded.kind == "remote" and loaded.random_weights and not loaded.converted
+        assert loaded.source_format == "microsoft"
         settings = GenerationSettings(max_new_tokens=12)
         car, street, _ = lesson_images()
         outcomes = Florence2Engine(loaded).run_batch([
             InferenceRequest(car, Task.OD, generation=settings),
             InferenceRequest(street, Task.CAPTION, generation=settings)])
-        assert all(o.error is None and o.result.raw_text.startswith("</s>") for o in outcomes), outcomes
+        assert all(o.error is None and o.result.raw_text.startswith("</s><s>") for o in outcomes), outcomes
         try:
             load_model({str(tiny_model_dir)!r})
         except ModelLoadError as exc:

@@ -81,12 +81,14 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
 
     from .backends import create_engine
     from .inference import InferenceRequest
-    from .loader import LoadOptions, ModelLoadError, load_model
+    from .loader import LoadOptions, ModelLoadError, inspect_checkpoint, load_model
     from .model_builder import lesson_images
 
     entry: dict = {"path": model}
+    options = LoadOptions(device=device, attention=attention)
     try:
-        loaded = load_model(model, LoadOptions(device=device, attention=attention))
+        entry.update(inspect_checkpoint(model, options))
+        loaded = load_model(model, options)
     except (ModelLoadError, ValueError) as exc:
         problems.append(str(exc))
         entry["error"] = str(exc)
@@ -94,7 +96,7 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
     entry.update({
         "kind": loaded.kind, "device": str(loaded.device), "dtype": loaded.dtype_name,
         "attention": loaded.attention, "random_weights": loaded.random_weights,
-        "load_seconds": round(loaded.load_seconds, 3),
+        "load_seconds": round(loaded.load_seconds, 3), "converted": loaded.converted,
     })
     task = Task.DETECT if loaded.kind == "yolo" else Task.OD
     request = InferenceRequest(lesson_images()[0], task, generation=GenerationSettings(max_new_tokens=64))
@@ -129,12 +131,15 @@ def render(report: dict) -> str:
         lines.append(f"{kind + ' models':<14}{state}")
     if "model" in report:
         model = report["model"]
+        if "format" in model:
+            lines.append(f"model format  {model['format']}: {model['plan']}")
         if "error" in model and "kind" not in model:
             lines.append(f"model         {model['path']}: FAILED {model['error']}")
         else:
             lines.append(
                 f"model         {model['path']}: {model['kind']} on {model['device']} {model['dtype']} "
                 f"{model['attention']}, load {model['load_seconds']}s, generate {model.get('generate_ms')} ms"
+                + (" [converted from Microsoft's format]" if model.get("converted") else "")
                 + (" [RANDOM WEIGHTS]" if model.get("random_weights") else "")
             )
     extras = report.get("extras", {})

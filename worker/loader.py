@@ -1,10 +1,12 @@
 """Load a Florence-2 checkpoint (native or remote code) with an explicit attention implementation.
 
 Native: transformers' own `Florence2ForConditionalGeneration` (transformers >= 4.56, no remote code,
-`florence-community/Florence-2-*` layout). Remote code: `microsoft/Florence-2-*` and fine-tunes
-(`auto_map` in config.json), loaded with `trust_remote_code` and the flash_attn shim; that code runs on
-transformers < 4.50 only, which the `legacy` extra installs. A checkpoint that cannot be loaded is a
-ModelLoadError naming it and the cause, never a silent fallback.
+`florence-community/Florence-2-*` layout). Microsoft format: `microsoft/Florence-2-*` and fine-tunes
+(`auto_map` in config.json); on transformers >= 4.56 they are converted to native once (conversion.py,
+cached by digest: conversion_cache.py) and served natively. Remote code (`--kind remote`, or any
+remote-code checkpoint that is not Microsoft's layout): loaded with `trust_remote_code` and the
+flash_attn shim; that code runs on transformers < 4.50 only, which the `legacy` extra installs. A
+checkpoint that cannot be loaded is a ModelLoadError naming it and the cause, never a silent fallback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import flash_attn_shim
+from .conversion import FORMAT_MICROSOFT, FORMAT_NATIVE, ConversionError, checkpoint_format
 from .model_builder import read_marker
 from .model_source import ModelSource, SourceError, hub_offline_env, resolve_source
 
@@ -41,6 +44,8 @@ class LoadOptions:
     attention: str = "eager"
     kind: str = "auto"
     revision: str | None = None
+    # Where converted Microsoft-format checkpoints are kept (None: ~/.cache/florence2-serve/converted).
+    convert_cache: str | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -64,6 +69,10 @@ class LoadedModel:
     random_weights: bool
     load_seconds: float
     marker: dict = field(default_factory=dict)
+    # The checkpoint as given: native, microsoft (Microsoft's remote-code layout) or remote; yolo, noop.
+    source_format: str = "native"
+    # Served from a native copy made on load (the Microsoft-format checkpoint was converted).
+    converted: bool = False
 
     @property
     def dtype_name(self) -> str:
@@ -92,9 +101,10 @@ def can_run(kind: str) -> tuple[bool, str]:
         )
     if kind == "remote" and current >= REMOTE_MAX_TRANSFORMERS:
         return False, (
-            f"remote-code Florence-2 (microsoft/Florence-2-* and fine-tunes) runs on transformers < 4.50 "
-            f"only (this environment has {shown}); install the legacy extra in its own environment: "
-            "pip install 'florence2-serve[legacy]', or use a native checkpoint (florence-community/Florence-2-*)"
+            f"running remote code (--kind remote) needs transformers < 4.50 (this environment has {shown}); "
+            "Microsoft-format checkpoints (microsoft/Florence-2-* and fine-tunes) need no such thing: with "
+            "--kind auto they are converted to native on load. For their own code, install the legacy extra "
+            "in its own environment: pip install 'florence2-serve[legacy]'"
         )
     return True, ""
 
@@ -183,14 +193,21 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
     except SourceError as exc:
         raise ModelLoadError(str(exc)) from None
     config = _read_config(source, options.revision)
-    kind = detect_kind(config) if options.kind == "auto" else options.kind
+    source_format = checkpoint_format(config)
+    kind = options.kind
+    load_from, local_only, converted = path_or_id, source.offline, False
+    if source_format == FORMAT_MICROSOFT and kind in ("auto", "native") and can_run("native")[0]:
+        kind, converted = "native", True
+        load_from, local_only = str(_native_copy(source, options)), True
+    elif kind == "auto":
+        kind = detect_kind(config)
     ok, advice = can_run(kind)
     if not ok:
         raise ModelLoadError(f"cannot load {path_or_id}: {advice}")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     try:
-        model, processor = _load(kind, path_or_id, options, dtype, local_files_only=source.offline)
+        model, processor = _load(kind, load_from, options, dtype, local_files_only=local_only)
         model.to(device).eval()
     except ModelLoadError:
         raise
@@ -203,16 +220,67 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
         model=model, processor=processor, kind=kind, model_id=str(path_or_id),
         revision=_revision_of(path_or_id, options.revision, config), device=device, dtype=dtype,
         attention=options.attention, random_weights=bool(marker.get("random_weights")),
-        load_seconds=time.perf_counter() - started, marker=marker,
+        load_seconds=time.perf_counter() - started, marker=marker, source_format=source_format,
+        converted=converted,
     )
     if loaded.random_weights:
         log.warning("model %s has RANDOM weights (built offline for tests/benchmarks)", path_or_id)
     log.info(
-        "loaded %s Florence-2 %s on %s (%s, attention=%s, flash_attn=%s) in %.2fs",
-        kind, path_or_id, device, loaded.dtype_name, options.attention,
+        "loaded %s Florence-2 %s%s on %s (%s, attention=%s, flash_attn=%s) in %.2fs",
+        kind, path_or_id, " (converted from Microsoft's format)" if converted else "", device, loaded.dtype_name, options.attention,
         flash_attn_shim.status().in_use if flash_attn_shim.status() else "?", loaded.load_seconds,
     )
     return loaded
+
+
+def inspect_checkpoint(path_or_id: str, options: LoadOptions = LoadOptions()) -> dict:
+    """What `load_model` would do with a checkpoint, without loading it: {"format", "plan"}."""
+    from .yolo import is_yolo_path
+
+    if options.kind == "noop":
+        return {"format": "noop", "plan": "no model (the no-op engine)"}
+    if options.kind == "yolo" or (options.kind == "auto" and is_yolo_path(path_or_id)):
+        return {"format": "yolo", "plan": "YOLOv8 through ultralytics"}
+    try:
+        source = resolve_source(path_or_id, offline_env=hub_offline_env())
+    except SourceError as exc:
+        raise ModelLoadError(str(exc)) from None
+    found = checkpoint_format(_read_config(source, options.revision))
+    if found == FORMAT_MICROSOFT and options.kind in ("auto", "native") and can_run("native")[0]:
+        from .conversion_cache import cache_root, cached_conversion
+
+        cached = cached_conversion(Path(source.path_or_id), cache_root(options.convert_cache)) if source.local else None
+        plan = ("converted to native on load: already done, cached at " + str(cached) if cached else
+                "will be converted to native on load (once; cached by digest under "
+                f"{cache_root(options.convert_cache)})")
+    elif found == FORMAT_NATIVE:
+        plan = "served natively"
+    else:
+        kind = "remote" if options.kind == "auto" else options.kind
+        ok, advice = can_run(kind)
+        plan = f"run by its own code (--kind {kind})" + ("" if ok else f"; cannot here: {advice}")
+    return {"format": found, "plan": plan}
+
+
+def _native_copy(source: ModelSource, options: LoadOptions) -> Path:
+    """The converted native copy of a Microsoft-format checkpoint (converting it now if needed)."""
+    from .conversion_cache import cache_root, ensure_converted, hub_snapshot
+
+    try:
+        directory = (Path(source.path_or_id) if source.local
+                     else hub_snapshot(source.path_or_id, options.revision, source.offline))
+        cached = ensure_converted(directory, cache_root(options.convert_cache))
+    except ConversionError as exc:
+        raise ModelLoadError(f"cannot convert Microsoft-format checkpoint {source.path_or_id}: {exc}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot convert Microsoft-format checkpoint {source.path_or_id}: {exc}") from exc
+    if cached.converted_now:
+        log.info("converted Microsoft-format checkpoint %s to native Florence-2 in %.1fs (cached at %s)",
+                 source.path_or_id, cached.seconds, cached.path)
+    else:
+        log.info("Microsoft-format checkpoint %s: using its native conversion cached at %s",
+                 source.path_or_id, cached.path)
+    return cached.path
 
 
 def _load(kind: str, path_or_id: str, options: LoadOptions, dtype, local_files_only: bool = False):

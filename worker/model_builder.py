@@ -62,7 +62,9 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int | None = None):
+def build_tokenizer(vocab_size: int | None = None, image_token: bool = True):
+    """The tiny BPE with Florence-2's tokens; without `image_token` it is laid out like Microsoft's
+    remote-code checkpoints, which have no `<image>` token (their model prepends the image features)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import BartTokenizerFast
 
@@ -79,7 +81,7 @@ def build_tokenizer(vocab_size: int | None = None):
     tokenizer = BartTokenizerFast(
         tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
         sep_token="</s>", cls_token="<s>", mask_token="<mask>",
-        extra_special_tokens={"image_token": "<image>"},
+        **({"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}),
     )
     tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)] + MARKUP_TOKENS)
     if vocab_size is not None and len(tokenizer) < vocab_size:

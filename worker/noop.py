@@ -69,4 +69,4 @@ def load_noop():
     started = time.perf_counter()
     return LoadedModel(model=None, processor=None, kind="noop", model_id=MODEL_ID, revision=MODEL_ID,
                        device="cpu", dtype=None, attention="-", random_weights=True,
-                       load_seconds=time.perf_counter() - started)
+                       load_seconds=time.perf_counter() - started, source_format="noop")

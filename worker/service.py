@@ -50,6 +50,7 @@ def describe(settings: WorkerSettings, loaded, engine, tokenizer_digest: str = "
         "batch_size": settings.batch_size, "host": socket.gethostname(), "started": time.time(),
         "tasks": ",".join(task.name for task in engine.tasks), "max_new_tokens": engine.max_new_tokens_limit,
         "max_text_tokens": engine.max_text_tokens, "tokenizer": tokenizer_digest,
+        "source_format": loaded.source_format, "converted": "1" if loaded.converted else "0",
     }
 
 
@@ -120,7 +121,8 @@ def run_worker(settings: WorkerSettings) -> int:
 
     try:
         loaded = load_model(settings.model_path, LoadOptions(
-            device=settings.device, dtype=settings.dtype, attention=settings.attention, kind=settings.kind))
+            device=settings.device, dtype=settings.dtype, attention=settings.attention, kind=settings.kind,
+            convert_cache=settings.convert_cache))
     except (ModelLoadError, ValueError) as exc:
         log.error("%s", exc)
         return 2

@@ -45,6 +45,8 @@ class WorkerSettings:
     # Prometheus metrics on this port (0: none), bound to metrics_host.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Where Microsoft-format checkpoints converted on load are kept (None: ~/.cache/florence2-serve/converted).
+    convert_cache: str | None = None
 
     @classmethod
     def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":
@@ -59,6 +61,8 @@ class WorkerSettings:
             values["metrics_port"] = int(environ["FLORENCE2_WORKER_METRICS_PORT"])
         if environ.get("FLORENCE2_WORKER_METRICS_HOST"):
             values["metrics_host"] = environ["FLORENCE2_WORKER_METRICS_HOST"]
+        if environ.get("FLORENCE2_CONVERT_CACHE"):
+            values["convert_cache"] = environ["FLORENCE2_CONVERT_CACHE"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -66,7 +66,7 @@ def load_yolo(path_or_id: str, device: str, dtype: str):
         revision=f"mtime-{int(weights.stat().st_mtime)}", device=resolved,
         dtype=resolve_dtype(dtype, resolved),
         attention="-", random_weights=bool(marker.get("random_weights")),
-        load_seconds=time.perf_counter() - started, marker=marker,
+        load_seconds=time.perf_counter() - started, marker=marker, source_format="yolo",
     )
 
 

@@ -38,6 +38,15 @@ class ModelKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_KIND_YOLOV8: _ClassVar[ModelKind]
     MODEL_KIND_NOOP: _ClassVar[ModelKind]
 
+class CheckpointFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CHECKPOINT_FORMAT_UNSPECIFIED: _ClassVar[CheckpointFormat]
+    CHECKPOINT_FORMAT_NATIVE: _ClassVar[CheckpointFormat]
+    CHECKPOINT_FORMAT_MICROSOFT: _ClassVar[CheckpointFormat]
+    CHECKPOINT_FORMAT_REMOTE_CODE: _ClassVar[CheckpointFormat]
+    CHECKPOINT_FORMAT_YOLO: _ClassVar[CheckpointFormat]
+    CHECKPOINT_FORMAT_NONE: _ClassVar[CheckpointFormat]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -79,6 +88,12 @@ MODEL_KIND_UNSPECIFIED: ModelKind
 MODEL_KIND_FLORENCE2: ModelKind
 MODEL_KIND_YOLOV8: ModelKind
 MODEL_KIND_NOOP: ModelKind
+CHECKPOINT_FORMAT_UNSPECIFIED: CheckpointFormat
+CHECKPOINT_FORMAT_NATIVE: CheckpointFormat
+CHECKPOINT_FORMAT_MICROSOFT: CheckpointFormat
+CHECKPOINT_FORMAT_REMOTE_CODE: CheckpointFormat
+CHECKPOINT_FORMAT_YOLO: CheckpointFormat
+CHECKPOINT_FORMAT_NONE: CheckpointFormat
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -387,7 +402,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "host", "device", "dtype", "attention", "batch_size", "model_id", "model_revision", "random_weights", "jobs_done", "generate_calls", "state")
+    __slots__ = ("worker_id", "host", "device", "dtype", "attention", "batch_size", "model_id", "model_revision", "random_weights", "jobs_done", "generate_calls", "state", "source_format", "converted")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -400,6 +415,8 @@ class WorkerInfo(_message.Message):
     JOBS_DONE_FIELD_NUMBER: _ClassVar[int]
     GENERATE_CALLS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CONVERTED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     device: str
@@ -412,10 +429,12 @@ class WorkerInfo(_message.Message):
     jobs_done: int
     generate_calls: int
     state: str
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., batch_size: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., random_weights: _Optional[bool] = ..., jobs_done: _Optional[int] = ..., generate_calls: _Optional[int] = ..., state: _Optional[str] = ...) -> None: ...
+    source_format: CheckpointFormat
+    converted: bool
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., batch_size: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., random_weights: _Optional[bool] = ..., jobs_done: _Optional[int] = ..., generate_calls: _Optional[int] = ..., state: _Optional[str] = ..., source_format: _Optional[_Union[CheckpointFormat, str]] = ..., converted: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "workers", "live_workers", "queue_depth", "random_weights", "kind", "tasks", "max_new_tokens", "max_text_tokens", "limits")
+    __slots__ = ("name", "workers", "live_workers", "queue_depth", "random_weights", "kind", "tasks", "max_new_tokens", "max_text_tokens", "limits", "source_format")
     NAME_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -426,6 +445,7 @@ class ModelInfo(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     name: str
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     live_workers: int
@@ -436,4 +456,5 @@ class ModelInfo(_message.Message):
     max_new_tokens: int
     max_text_tokens: int
     limits: ServiceLimits
-    def __init__(self, name: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., live_workers: _Optional[int] = ..., queue_depth: _Optional[int] = ..., random_weights: _Optional[bool] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskType, str]]] = ..., max_new_tokens: _Optional[int] = ..., max_text_tokens: _Optional[int] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ...) -> None: ...
+    source_format: CheckpointFormat
+    def __init__(self, name: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., live_workers: _Optional[int] = ..., queue_depth: _Optional[int] = ..., random_weights: _Optional[bool] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., tasks: _Optional[_Iterable[_Union[TaskType, str]]] = ..., max_new_tokens: _Optional[int] = ..., max_text_tokens: _Optional[int] = ..., limits: _Optional[_Union[ServiceLimits, _Mapping]] = ..., source_format: _Optional[_Union[CheckpointFormat, str]] = ...) -> None: ...
