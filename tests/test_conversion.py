@@ -292,3 +292,39 @@ def test_doctor_says_the_format_and_what_happens_to_it(remote_code_dir, tiny_mod
     assert inspect_checkpoint(str(tiny_model_dir))["plan"] == "served natively"
     forced = inspect_checkpoint(str(remote_code_dir), LoadOptions(kind="remote"))
     assert "own code" in forced["plan"] and "transformers < 4.50" in forced["plan"]
+
+
+def test_a_worker_serves_a_microsoft_checkpoint_and_list_models_says_so(
+        remote_code_dir, valkey, front_end_factory, worker_factory, tiny_png, tmp_path):
+    """The default install, no legacy environment: the worker converts on load and serves the job."""
+    from florence2_serve.client import Florence2Client
+    from florence2_serve.v1 import florence2_pb2 as pb
+
+    front = front_end_factory(valkey.connection_url)
+    worker = worker_factory(valkey.connection_url, f"ms={remote_code_dir}", "--convert-cache", str(tmp_path / "cache"),
+                            worker_id="ms-w")
+    with Florence2Client(f"127.0.0.1:{front.port}", timeout=60) as client:
+        result = client.detect(tiny_png, "ms", "CAPTION", max_new_tokens=8)
+        (model,) = client.list_models()
+    assert result.generated_tokens > 0 and result.model_id == str(remote_code_dir)
+    assert model.source_format == pb.CHECKPOINT_FORMAT_MICROSOFT and model.kind == pb.MODEL_KIND_FLORENCE2
+    (info,) = model.workers
+    assert info.converted and info.source_format == pb.CHECKPOINT_FORMAT_MICROSOFT
+    log = worker.log_path.read_text()
+    assert "converted Microsoft-format checkpoint" in log and "(converted from Microsoft's format)" in log
+
+
+def test_text_holding_the_image_placeholder_is_refused(converted):
+    from florence2_serve.common.generation import GenerationSettings
+    from florence2_serve.common.tasks import Task
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
+    from florence2_outputs import images
+
+    loaded, _ = converted
+    settings = GenerationSettings(max_new_tokens=4)
+    bad, good = Florence2Engine(loaded).run_batch([
+        InferenceRequest(images()[0], Task.CAPTION_TO_PHRASE_GROUNDING, text="a <mask> car", generation=settings),
+        InferenceRequest(images()[0], Task.CAPTION_TO_PHRASE_GROUNDING, text="a red car", generation=settings)])
+    assert bad.error.reason == "INVALID_FIELD" and "<mask>" in bad.error.message
+    assert good.error is None and good.result.generated_tokens > 0

@@ -93,6 +93,10 @@ class Florence2Engine:
             return JobError(Reason.TOKEN_LIMIT.value,
                             f"max_new_tokens {request.generation.max_new_tokens} exceeds this model's limit of {limit}",
                             {"limit": str(limit)}), ""
+        placeholder = getattr(self.loaded.processor, "image_token", None)
+        if request.text and placeholder and placeholder in request.text:
+            return JobError(Reason.INVALID_FIELD.value,
+                            f"text must not contain {placeholder}: this model reads it as the image's place"), ""
         if request.text and self.max_text_tokens:
             count = len(self.loaded.processor.tokenizer(request.text, add_special_tokens=False).input_ids)
             if count > self.max_text_tokens:
