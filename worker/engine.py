@@ -113,8 +113,7 @@ class Florence2Engine:
                 request = group[0][0]
                 log.exception("generate failed for job %s", request.request_id,
                               extra=job_fields(request.request_id, str(self.loaded.model_id), request.task.name))
-                outcomes[id(group[0][0])].error = JobError(
-                    Reason.INFERENCE_FAILED.value, "inference failed on the worker (its log has the details)")
+                outcomes[id(group[0][0])].error = self._failure()
                 return
             log.warning("batched generate failed (%s); retrying %d requests one by one", exc, len(group))
             for item in group:
@@ -152,22 +151,30 @@ class Florence2Engine:
         self.generate_calls += 1
         self.last_decoding_steps = stopper.steps
         generated_at = time.perf_counter()
-        pad_id = processor.tokenizer.pad_token_id
-        texts = processor.batch_decode(generated, skip_special_tokens=False)
-        results = []
-        for (request, _), row, text in zip(group, generated, texts, strict=True):
-            post_started = time.perf_counter()
-            raw_text = text.replace(processor.tokenizer.pad_token, "")
-            result = parse_generation(request.task, raw_text, request.image.size)
-            result.generated_tokens = int((row != pad_id).sum().item()) - 1  # minus the decoder start
-            result.model_id = loaded.model_id
-            result.model_revision = loaded.revision
-            result.batch_size = len(group)
-            result.timings.preprocess_ms = (preprocessed - started) * 1000
-            result.timings.generate_ms = (generated_at - preprocessed) * 1000
-            result.timings.postprocess_ms = (time.perf_counter() - post_started) * 1000
-            results.append(result)
-        return results
+        preprocess_ms, generate_ms = (preprocessed - started) * 1000, (generated_at - preprocessed) * 1000
+        return [self._result(request, row.tolist(), preprocess_ms, generate_ms, len(group))
+                for (request, _), row in zip(group, generated, strict=True)]
+
+    def _result(self, request: InferenceRequest, tokens: list[int], preprocess_ms: float, generate_ms: float,
+                batch_size: int):
+        """The typed result of one request's generated tokens (decoder start first, pads anywhere)."""
+        post_started = time.perf_counter()
+        loaded, tokenizer = self.loaded, self.loaded.processor.tokenizer
+        pad_id = tokenizer.pad_token_id
+        text = self.loaded.processor.batch_decode([tokens], skip_special_tokens=False)[0]
+        result = parse_generation(request.task, text.replace(tokenizer.pad_token, ""), request.image.size)
+        result.generated_tokens = sum(1 for token in tokens if token != pad_id) - 1  # minus the decoder start
+        result.model_id = loaded.model_id
+        result.model_revision = loaded.revision
+        result.batch_size = batch_size
+        result.timings.preprocess_ms = preprocess_ms
+        result.timings.generate_ms = generate_ms
+        result.timings.postprocess_ms = (time.perf_counter() - post_started) * 1000
+        return result
+
+    @staticmethod
+    def _failure() -> JobError:
+        return JobError(Reason.INFERENCE_FAILED.value, "inference failed on the worker (its log has the details)")
 
 
 def _text_budget(processor, positions: int) -> int:

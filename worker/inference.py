@@ -25,6 +25,8 @@ class InferenceRequest:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     should_stop: Callable[[], bool] | None = None
     request_id: str = ""
+    # Names the image's bytes (its digest): requests with equal keys share one vision encoding.
+    image_key: str = ""
 
 
 @dataclass

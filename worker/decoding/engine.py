@@ -1,0 +1,326 @@
+"""The decode engine: native Florence-2 with iteration-level batching on a static KV cache.
+
+Requests hold decoding rows (one greedy, `num_beams` for beam search). Every step runs all rows
+through `StaticDecoder` at once; a request whose search is done leaves at once, freeing its rows, and a
+waiting request is encoded and joins at the next step, instead of every row running to the longest
+one. Each image goes through the vision tower once while its features are cached (keyed by the job's
+image digest), so several tasks on one image share one encoding.
+
+Outputs are transformers' `generate` outputs: the same logits processors (decoding/logits.py) and the
+same search (decoding/search.py), verified token for token in tests/test_decode_engine.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..engine import Florence2Engine
+from ..inference import InferenceOutcome, InferenceRequest
+from .logits import Specials, process
+from .search import BeamSearch, GreedySearch
+from .static_decoder import StaticDecoder
+
+log = logging.getLogger(__name__)
+
+IMAGE_CACHE_SIZE = 32
+
+
+@dataclass(eq=False)
+class Active:
+    request: InferenceRequest
+    outcome: InferenceOutcome
+    rows: list[int]
+    source_length: int
+    search: GreedySearch | BeamSearch
+    started: float
+    preprocess_ms: float = 0.0
+    steps: int = 0
+
+
+@dataclass
+class DecodeOptions:
+    rows: int = 24
+    compile: bool = False
+    image_cache: int = IMAGE_CACHE_SIZE
+    warm_batches: tuple[int, ...] = field(default_factory=tuple)
+
+
+class DecodeEngine(Florence2Engine):
+    """A Florence2Engine whose batches decode with iteration-level batching (run_batch or serve)."""
+
+    continuous = True
+
+    def __init__(self, loaded, options: DecodeOptions | None = None):
+        super().__init__(loaded)
+        self.options = options or DecodeOptions()
+        model = loaded.model
+        self.specials = Specials.of(model.generation_config)
+        self.max_len = self.max_new_tokens_limit + 1
+        self.image_tokens = loaded.processor.num_image_tokens
+        max_source = self.image_tokens + self.max_text_tokens + 64
+        self.decoder = StaticDecoder(model, self.options.rows, self.max_len, max_source).eval()
+        device = self.decoder.device
+        rows = self.options.rows
+        self.sequences = torch.full((rows, self.max_len), self.specials.pad, dtype=torch.long, device=device)
+        self.lengths = torch.ones(rows, dtype=torch.long, device=device)
+        self.penalty = torch.ones(rows, device=device)
+        self.min_new = torch.zeros(rows, dtype=torch.long, device=device)
+        self.max_length = torch.full((rows,), self.max_len, dtype=torch.long, device=device)
+        self.seen = torch.zeros(rows, model.config.text_config.vocab_size, dtype=torch.bool, device=device)
+        self.beam_rows = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.free = list(range(rows))
+        self.active: list[Active] = []
+        self.images: OrderedDict = OrderedDict()
+        self.image_encodings = 0
+        self.step_fn = self.decoder
+        if self.options.compile:
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self.step_fn = torch.compile(self.decoder, mode=mode, dynamic=False, fullgraph=True)
+
+    # -- the Engine interface -----------------------------------------------------------------------
+
+    def run_batch(self, requests: list[InferenceRequest]) -> list[InferenceOutcome]:
+        pending = deque(requests)
+        outcomes: dict[int, InferenceOutcome] = {}
+
+        def pull(free_rows: int, block: bool) -> list[InferenceRequest]:
+            taken = []
+            while pending and pending[0].generation.num_beams <= free_rows:
+                request = pending.popleft()
+                free_rows -= request.generation.num_beams
+                taken.append(request)
+            return taken
+
+        def done(outcome: InferenceOutcome) -> None:
+            outcomes[id(outcome.request)] = outcome
+
+        self.serve(pull, done, until_idle=True)
+        return [outcomes[id(r)] for r in requests]
+
+    def serve(self, pull: Callable[[int, bool], list[InferenceRequest]], done: Callable[[InferenceOutcome], None],
+              until_idle: bool = False) -> None:
+        """Decode until `pull` gives nothing while no request is active (until_idle) or forever.
+
+        pull(free_rows, block) -> requests that fit in free_rows; block=True when nothing is decoding.
+        done(outcome) is called once per pulled request, as soon as it ends. pull returns None to stop
+        (serve returns once the active requests have ended)."""
+        while True:
+            joining = pull(len(self.free), not self.active)
+            if joining is None and not self.active:
+                return  # the caller is stopping
+            if joining:
+                self._admit(joining, done)
+            if not self.active:
+                if until_idle and not joining:
+                    return
+                continue
+            self._step(done)
+
+    # -- joining ------------------------------------------------------------------------------------
+
+    def _admit(self, requests: list[InferenceRequest], done) -> None:
+        started = time.perf_counter()
+        ready = []
+        for request in requests:
+            outcome = InferenceOutcome(request)
+            if request.should_stop and request.should_stop():
+                outcome.cancelled = True
+                done(outcome)
+                continue
+            error, prompt = self._check(request)
+            if error is not None:
+                outcome.error = error
+                done(outcome)
+                continue
+            ready.append((request, outcome, prompt))
+        if not ready:
+            return
+        try:
+            states, masks = self._encode([r for r, _, _ in ready], [p for _, _, p in ready])
+        except Exception:  # noqa: BLE001 - one by one, so one bad request fails alone
+            if len(ready) == 1:
+                log.exception("encoding failed for job %s", ready[0][0].request_id)
+                ready[0][1].error = self._failure()
+                done(ready[0][1])
+                return
+            for request, _, _ in ready:
+                self._admit([request], done)
+            return
+        preprocess_ms = (time.perf_counter() - started) * 1000
+        self.generate_calls += 1
+        for index, (request, outcome, _) in enumerate(ready):
+            beams = request.generation.num_beams
+            self.free.sort()
+            rows, self.free = self.free[:beams], self.free[beams:]  # the lowest rows: the step runs a prefix
+            source_length = int(masks[index].sum()) if masks.shape[0] > 1 else masks.shape[1]
+            self._load_rows(rows, request, states[index:index + 1, :source_length], masks[index:index + 1, :source_length])
+            max_length = 1 + request.generation.max_new_tokens
+            search = (BeamSearch(beams, max_length, self.specials, self.decoder.device) if beams > 1
+                      else GreedySearch(max_length, self.specials, self.decoder.device))
+            self.active.append(Active(request, outcome, rows, source_length, search, started, preprocess_ms))
+
+    def _encode(self, requests: list[InferenceRequest], prompts: list[str]):
+        """Encoder states [n, S, d] and masks [n, S] for the requests (image features from the cache)."""
+        model, processor = self.loaded.model, self.loaded.processor
+        tokenizer = processor.tokenizer
+        texts = [processor.image_token * self.image_tokens + tokenizer.bos_token + prompt + tokenizer.eos_token
+                 for prompt in prompts]
+        encoded = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        device = self.decoder.device
+        input_ids = encoded["input_ids"].to(device)
+        mask = encoded["attention_mask"].to(device)
+        features = self._image_features(requests)
+        with torch.inference_mode():
+            embeds = model.get_input_embeddings()(input_ids)
+            placeholder = (input_ids == model.config.image_token_id)[..., None]
+            embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
+            states = model.model.language_model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return states, mask
+
+    def _image_features(self, requests: list[InferenceRequest]) -> torch.Tensor:
+        keys = [getattr(r, "image_key", None) or f"id:{id(r)}" for r in requests]
+        missing = [i for i, key in enumerate(keys) if key not in self.images]
+        if missing:
+            pixels = self.loaded.processor.image_processor([requests[i].image for i in missing],
+                                                          return_tensors="pt")["pixel_values"]
+            pixels = pixels.to(self.decoder.device, self.loaded.dtype)
+            with torch.inference_mode():
+                computed = self.loaded.model.get_image_features(pixel_values=pixels).pooler_output
+            self.image_encodings += len(missing)
+            for i, row in zip(missing, computed):
+                self.images[keys[i]] = row
+        for key in keys:
+            self.images.move_to_end(key)
+        features = torch.stack([self.images[key] for key in keys])
+        for key in keys:
+            if key.startswith("id:"):
+                self.images.pop(key, None)
+        while len(self.images) > self.options.image_cache:
+            self.images.popitem(last=False)
+        return features
+
+    def _load_rows(self, rows: list[int], request: InferenceRequest, states, mask) -> None:
+        index = torch.tensor(rows, device=self.decoder.device)
+        count = len(rows)
+        with torch.inference_mode():
+            self.decoder.load_source(index, states.expand(count, -1, -1), mask.expand(count, -1))
+        settings = request.generation
+        self.sequences[index] = self.specials.pad
+        self.sequences[index, 0] = self.specials.start
+        self.lengths[index] = 1
+        self.penalty[index] = settings.repetition_penalty
+        self.min_new[index] = settings.min_new_tokens
+        self.max_length[index] = 1 + settings.max_new_tokens
+        self.seen[index] = False
+        self.seen[index, self.specials.start] = True
+        self.beam_rows[index] = count > 1
+
+    # -- stepping -----------------------------------------------------------------------------------
+
+    def _step(self, done) -> None:
+        stopped = [a for a in self.active if a.request.should_stop and a.request.should_stop()]
+        for active in stopped:
+            active.outcome.cancelled = True
+            self._leave(active, done)
+        if not self.active:
+            return
+        device = self.decoder.device
+        if self.options.compile:  # static shapes: every row, the whole cache
+            count, span, source_span = self.options.rows, None, None
+        else:
+            count = max(max(active.rows) for active in self.active) + 1
+            span = max(active.search.length for active in self.active)
+            source_span = max(active.source_length for active in self.active)
+        tokens = self.sequences[:count].gather(1, (self.lengths[:count] - 1)[:, None])[:, 0]
+        positions = self.lengths[:count] - 1
+        with torch.inference_mode():
+            logits = self.step_fn(tokens, positions, span, source_span)
+            active = self.active
+            if any(a.search.beams > 1 for a in active):
+                scores = torch.where(self.beam_rows[:count, None], torch.log_softmax(logits, dim=-1), logits)
+            else:
+                scores = logits
+            seen = self.seen[:count] if any(a.request.generation.repetition_penalty != 1.0 for a in active) else None
+            owing = any(a.search.length - 1 < a.request.generation.min_new_tokens for a in active)
+            scores = process(scores, self.sequences[:count], self.lengths[:count], seen, self.penalty[:count],
+                             self.min_new[:count] if owing else None, self.max_length[:count], self.specials,
+                             bos_due=any(a.search.length == 1 for a in active),
+                             eos_due=any(a.search.length == a.request.generation.max_new_tokens for a in active))
+            greedy_choice = scores.argmax(dim=-1)
+        greedy = [a for a in self.active if isinstance(a.search, GreedySearch)]
+        chosen = greedy_choice.tolist() if greedy else []
+        finished = []
+        moves_from, moves_to, new_tokens, new_rows = [], [], [], []
+        beam_steps = []
+        for active in self.active:
+            active.steps += 1
+            if isinstance(active.search, GreedySearch):
+                row = active.rows[0]
+                _, token, is_done = active.search.advance(None, chosen[row])
+                new_rows.append(row)
+                new_tokens.append(token[0])
+                if is_done:
+                    finished.append(active)
+            else:
+                parents, beam_tokens, beam_done = active.search.advance(scores[active.rows])
+                beam_steps.append((active, parents, beam_tokens, beam_done))
+        if beam_steps:
+            flags = torch.stack([step[3] for step in beam_steps]).tolist()
+            for (active, parents, beam_tokens, _), is_done in zip(beam_steps, flags):
+                rows = torch.tensor(active.rows, device=device)
+                source = rows[parents]
+                length = active.search.length - 1  # cached positions before this step's token
+                self.decoder.copy_rows(rows, source, length)
+                self.sequences[rows] = self.sequences[source]
+                self.seen[rows] = self.seen[source]
+                self.sequences[rows, length] = beam_tokens
+                self.seen[rows, beam_tokens] = True
+                self.lengths[rows] = length + 1
+                if is_done:
+                    finished.append(active)
+        if new_rows:
+            index = torch.tensor(new_rows, device=device)
+            token_tensor = torch.tensor(new_tokens, device=device)
+            self.sequences[index, self.lengths[index]] = token_tensor
+            self.seen[index, token_tensor] = True
+            self.lengths[index] += 1
+        for active in finished:
+            self._finish(active)
+            self._leave(active, done)
+
+    def _finish(self, active: Active) -> None:
+        tokens = active.search.output()
+        generate_ms = (time.perf_counter() - active.started) * 1000 - active.preprocess_ms
+        try:
+            active.outcome.result = self._result(active.request, tokens, active.preprocess_ms, generate_ms,
+                                                 len(self.active))
+        except Exception:  # noqa: BLE001 - a post-processing failure fails this request only
+            log.exception("post-processing failed for job %s", active.request.request_id)
+            active.outcome.error = self._failure()
+
+    def _leave(self, active: Active, done) -> None:
+        self.active.remove(active)
+        self.free.extend(active.rows)
+        self.beam_rows[active.rows] = False
+        self.last_decoding_steps = active.steps
+        done(active.outcome)
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> float:
+        """Compile (or just run) the step for the given numbers of simultaneous requests; seconds taken."""
+        started = time.perf_counter()
+        from florence2_serve.common.generation import GenerationSettings
+        from florence2_serve.common.tasks import Task
+        from PIL import Image
+
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        for size in batch_sizes:
+            settings = GenerationSettings(num_beams=1, max_new_tokens=2)
+            self.run_batch([InferenceRequest(image, Task.CAPTION, generation=settings) for _ in range(size)])
+        self.images.clear()
+        return time.perf_counter() - started
