@@ -134,8 +134,14 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
 @click.option("--convert-cache", default=None,
               help="Where Microsoft-format checkpoints converted on load are kept "
                    "(env FLORENCE2_CONVERT_CACHE; default ~/.cache/florence2-serve/converted).")
+@click.option("--engine", type=click.Choice(["auto", "decode", "generate"]), default=None,
+              help="Florence-2 decoding: decode (iteration-level batching on a static KV cache), generate "
+                   "(transformers' generate per batch); auto: decode for native models.")
+@click.option("--compile/--no-compile", "compile_step", default=None,
+              help="torch.compile the decode step (CUDA graphs on a GPU); default on with CUDA, off on CPU.")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
-           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache):
+           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache,
+           engine, compile_step):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
 
     SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
@@ -148,7 +154,7 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
             batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
             job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s,
             exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host,
-            convert_cache=convert_cache)
+            convert_cache=convert_cache, engine=engine, compile=compile_step)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker

@@ -1,12 +1,19 @@
-"""One dispatcher from a loaded model to its engine: Florence-2, YOLOv8 or the no-op backend."""
+"""One dispatcher from a loaded model to its engine: Florence-2 (decode engine or generate), YOLOv8 or no-op."""
 
 from __future__ import annotations
+
+import logging
+
+from florence2_serve.common.generation import MAX_NUM_BEAMS
 
 from .inference import Engine
 from .loader import LoadedModel
 
+log = logging.getLogger(__name__)
 
-def create_engine(loaded: LoadedModel) -> Engine:
+
+def create_engine(loaded: LoadedModel, engine: str = "auto", batch_size: int = 8, compile: bool | None = None) -> Engine:
+    """engine: auto (the decode engine for native Florence-2), decode, or generate (transformers' generate)."""
     if loaded.kind == "yolo":
         from .yolo import YoloEngine
 
@@ -15,6 +22,15 @@ def create_engine(loaded: LoadedModel) -> Engine:
         from .noop import NoopEngine
 
         return NoopEngine(loaded)
+    if engine == "decode" and loaded.kind != "native":
+        raise ValueError(f"--engine decode needs a native Florence-2 model; this one is {loaded.kind}")
+    if engine in ("auto", "decode") and loaded.kind == "native":
+        from .decoding.engine import DecodeEngine, DecodeOptions
+
+        use_compile = loaded.device.type == "cuda" if compile is None else compile
+        # Room for batch_size requests of 3 beams, and for the widest beam search a request may ask.
+        rows = max(3 * batch_size, MAX_NUM_BEAMS)
+        return DecodeEngine(loaded, DecodeOptions(rows=rows, compile=use_compile))
     from .engine import Florence2Engine
 
     return Florence2Engine(loaded)

@@ -28,6 +28,7 @@ maintenance re-runs them (rq's retries) or fails them.
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import queue
@@ -50,6 +51,7 @@ from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
 
 from . import metrics
+from .continuous import ContinuousModelLoop
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
 from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
@@ -59,7 +61,7 @@ from .settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 
-class BatchWorker:
+class BatchWorker(ContinuousModelLoop):
     def __init__(self, connection: redis.Redis, settings: WorkerSettings, engine: Engine, description: dict):
         self.connection = connection
         self.settings = settings
@@ -97,7 +99,8 @@ class BatchWorker:
         handlers run there promptly, whatever the model is doing on its own thread).
         """
         threads = [threading.Thread(target=self._fetch_loop, args=(burst,), name="florence2-fetcher", daemon=True),
-                   threading.Thread(target=self._model_loop, name="florence2-model", daemon=True),
+                   threading.Thread(target=self._continuous_loop if getattr(self.engine, "continuous", False)
+                                    else self._model_loop, name="florence2-model", daemon=True),
                    threading.Thread(target=self._finish_loop, name="florence2-finisher", daemon=True)]
         self.presence.start()
         for thread in threads:
@@ -241,7 +244,7 @@ class BatchWorker:
         stop_now, cancel = self._now, held.cancel
         held.request = InferenceRequest(
             image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
-            generation=generation, request_id=job.job_id,
+            generation=generation, request_id=job.job_id, image_key=hashlib.blake2b(job.image, digest_size=16).hexdigest(),
             should_stop=lambda: stop_now.is_set() or cancel.is_set() or time.time() >= held.limit)
         return None
 

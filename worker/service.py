@@ -127,7 +127,15 @@ def run_worker(settings: WorkerSettings) -> int:
         log.error("%s", exc)
         return 2
     route_library_logs()  # transformers is imported by now: its warnings take our format, once each
-    engine = create_engine(loaded)
+    try:
+        engine = create_engine(loaded, settings.engine, settings.batch_size, settings.compile)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if getattr(engine, "options", None) is not None and engine.options.compile:
+        # Compile (and capture CUDA graphs) before registering: the first job must not pay for it.
+        log.info("compiling the decode step (%d rows) ...", engine.options.rows)
+        log.info("decode step compiled and warmed up in %.1fs", engine.warm_up((1, settings.batch_size)))
     if not _serve_metrics(settings, loaded):
         return 4
     tokenizer_digest = ""
@@ -160,8 +168,9 @@ def run_worker(settings: WorkerSettings) -> int:
                 return 0
             log.warning("cannot register with Redis yet (%s); retrying", str(exc).splitlines()[0])
             time.sleep(1)
-    log.info("worker %s serving model %s (%s) from its queues (batch %d, wait %.1f ms)", settings.worker_id,
-             settings.model_name, loaded.kind, settings.batch_size, settings.batch_wait_ms)
+    log.info("worker %s serving model %s (%s, %s engine) from its queues (batch %d, wait %.1f ms)",
+             settings.worker_id, settings.model_name, loaded.kind, type(engine).__name__, settings.batch_size,
+             settings.batch_wait_ms)
     try:
         worker.work()
     finally:

@@ -45,6 +45,11 @@ class WorkerSettings:
     # Prometheus metrics on this port (0: none), bound to metrics_host.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Florence-2 decoding: "decode" (iteration-level batching on a static KV cache, native models), "generate"
+    # (transformers' generate per batch), "auto" (decode where it applies).
+    engine: str = "auto"
+    # torch.compile the decode step (CUDA graphs on a GPU); None: on for CUDA, off on CPU.
+    compile: bool | None = None
     # Where Microsoft-format checkpoints converted on load are kept (None: ~/.cache/florence2-serve/converted).
     convert_cache: str | None = None
 
@@ -74,5 +79,7 @@ class WorkerSettings:
         if self.job_heartbeat_ttl_s < 2 * self.heartbeat_s:
             raise ValueError(f"job heartbeat TTL ({self.job_heartbeat_ttl_s} s) must be at least twice the "
                              f"heartbeat interval ({self.heartbeat_s:g} s)")
+        if self.engine not in ("auto", "decode", "generate"):
+            raise ValueError(f"engine must be auto, decode or generate, got {self.engine!r}")
         if self.maintenance_interval_s <= 0:
             raise ValueError("maintenance interval must be positive")

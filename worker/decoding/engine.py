@@ -185,7 +185,11 @@ class DecodeEngine(Florence2Engine):
 
     def _image_features(self, requests: list[InferenceRequest]) -> torch.Tensor:
         keys = [getattr(r, "image_key", None) or f"id:{id(r)}" for r in requests]
-        missing = [i for i, key in enumerate(keys) if key not in self.images]
+        first_of = {}
+        for i, key in enumerate(keys):
+            if key not in self.images:
+                first_of.setdefault(key, i)
+        missing = list(first_of.values())
         if missing:
             pixels = self.loaded.processor.image_processor([requests[i].image for i in missing],
                                                           return_tensors="pt")["pixel_values"]

@@ -1,0 +1,162 @@
+"""The decode engine: the same tokens as transformers' generate, with requests joining and leaving
+the decoding batch at any step, compiled or not, and one vision encoding per image."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.common.tasks import Task
+from florence2_serve.worker.decoding.engine import DecodeEngine, DecodeOptions
+from florence2_serve.worker.decoding.logits import banned_ngrams
+from florence2_serve.worker.engine import Florence2Engine
+from florence2_serve.worker.inference import InferenceRequest
+from florence2_serve.worker.loader import LoadOptions, load_model
+from florence2_serve.worker.model_builder import lesson_images
+
+TASKS = [Task.OD, Task.CAPTION, Task.OCR, Task.OCR_WITH_REGION]
+
+
+def _requests(settings_list, tasks=TASKS):
+    images = lesson_images()
+    return [InferenceRequest(image, task, generation=settings)
+            for settings in settings_list for image in images for task in tasks]
+
+
+def _texts(outcomes):
+    assert all(o.error is None and not o.cancelled for o in outcomes), [o.error for o in outcomes]
+    return [(o.result.raw_text, o.result.generated_tokens) for o in outcomes]
+
+
+def _copy(requests):
+    return [InferenceRequest(r.image, r.task, r.text, r.region, r.generation, image_key=r.image_key)
+            for r in requests]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_loaded):
+    return Florence2Engine(tiny_loaded), DecodeEngine(tiny_loaded, DecodeOptions(rows=24))
+
+
+@pytest.fixture(scope="module")
+def microsoft_engines(remote_code_dir, tmp_path_factory):
+    """The converted Microsoft-format fixture: no_repeat_ngram_size 3, forced EOS, early stopping."""
+    loaded = load_model(str(remote_code_dir), LoadOptions(device="cpu",
+                                                          convert_cache=str(tmp_path_factory.mktemp("cache"))))
+    return Florence2Engine(loaded), DecodeEngine(loaded, DecodeOptions(rows=24))
+
+
+SETTINGS = [GenerationSettings(num_beams=1, max_new_tokens=40), GenerationSettings(num_beams=3, max_new_tokens=40)]
+
+
+@pytest.mark.parametrize("which", ["engines", "microsoft_engines"])
+@pytest.mark.parametrize("settings", SETTINGS, ids=["greedy", "beams3"])
+def test_same_tokens_as_generate_one_at_a_time_and_in_batches_of_8(which, settings, request):
+    plain, fast = request.getfixturevalue(which)
+    requests = _requests([settings])
+    alone = [_texts(plain.run_batch([r]))[0] for r in _copy(requests)]
+    assert [_texts(fast.run_batch([r]))[0] for r in _copy(requests)] == alone
+    batched = _texts(plain.run_batch(_copy(requests[:8])))
+    assert _texts(fast.run_batch(_copy(requests[:8]))) == batched == alone[:8]
+    assert len(set(alone)) > 3  # input-dependent outputs, not one constant sequence
+
+
+@pytest.mark.parametrize("settings", [
+    GenerationSettings(num_beams=1, max_new_tokens=24, repetition_penalty=1.7),
+    GenerationSettings(num_beams=3, max_new_tokens=24, repetition_penalty=0.6),
+    GenerationSettings(num_beams=2, max_new_tokens=30, min_new_tokens=30),
+    GenerationSettings(num_beams=1, max_new_tokens=3),
+], ids=["greedy-penalty", "beams-penalty", "min-new-tokens", "short"])
+def test_same_tokens_with_every_generation_option(microsoft_engines, settings):
+    plain, fast = microsoft_engines
+    requests = _requests([settings], tasks=[Task.OD, Task.CAPTION])
+    assert _texts(fast.run_batch(_copy(requests))) == _texts(plain.run_batch(_copy(requests)))
+
+
+def test_requests_join_and_leave_mid_decoding_with_unchanged_outputs(engines):
+    """Mixed lengths and searches arrive one every two steps; each ends with its own output the moment it
+    is done, while the others keep decoding."""
+    plain, fast = engines
+    mixed = [GenerationSettings(num_beams=1, max_new_tokens=6), GenerationSettings(num_beams=3, max_new_tokens=40),
+             GenerationSettings(num_beams=1, max_new_tokens=40), GenerationSettings(num_beams=2, max_new_tokens=10)]
+    requests = _requests(mixed, tasks=[Task.OD, Task.CAPTION])
+    expected = {id(r): _texts(plain.run_batch([c]))[0] for r, c in zip(requests, _copy(requests))}
+    waiting = list(requests)
+    ended, calls = [], {"n": 0}
+
+    def pull(free_rows, block):
+        calls["n"] += 1
+        if waiting and calls["n"] % 2 == 0 and waiting[0].generation.num_beams <= free_rows:
+            return [waiting.pop(0)]
+        return [] if waiting or fast.active else None
+
+    fast.serve(pull, lambda outcome: ended.append((outcome, len(fast.active))))
+    assert len(ended) == len(requests)
+    for outcome, _ in ended:
+        assert _texts([outcome])[0] == expected[id(outcome.request)]
+    # Short requests finished while longer ones were still decoding.
+    assert any(still_active > 0 and outcome.request.generation.max_new_tokens == 6 for outcome, still_active in ended)
+
+
+def test_a_cancelled_request_leaves_at_once_and_frees_its_rows(engines):
+    _, fast = engines
+    flag = {"stop": False}
+    settings = GenerationSettings(num_beams=3, max_new_tokens=60, min_new_tokens=60)
+    stopped = InferenceRequest(lesson_images()[0], Task.OD, generation=settings, should_stop=lambda: flag["stop"])
+    other = InferenceRequest(lesson_images()[1], Task.CAPTION, generation=GenerationSettings(num_beams=1, max_new_tokens=20))
+    steps = {"n": 0}
+    original = fast._step
+
+    def counting_step(done):
+        steps["n"] += 1
+        if steps["n"] == 5:
+            flag["stop"] = True
+        original(done)
+
+    fast._step = counting_step
+    try:
+        first, second = fast.run_batch([stopped, other])
+    finally:
+        del fast._step
+    assert first.cancelled and second.result is not None and len(fast.free) == fast.options.rows
+
+
+def test_tasks_on_one_image_share_one_vision_encoding(engines):
+    _, fast = engines
+    image = lesson_images()[0]
+    before = fast.image_encodings
+    requests = [InferenceRequest(image, task, generation=GenerationSettings(num_beams=1, max_new_tokens=8),
+                                 image_key="digest-of-the-car") for task in (Task.OD, Task.CAPTION, Task.OCR)]
+    outcomes = fast.run_batch(requests)
+    assert all(o.result is not None for o in outcomes)
+    assert fast.image_encodings - before == 1
+    fast.run_batch(_copy(requests[:1]))  # the same image again, later: still cached
+    assert fast.image_encodings - before == 1
+
+
+def test_no_repeat_ngrams_match_transformers():
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    generator = torch.Generator().manual_seed(3)
+    vocab, total = 7, 24
+    sequences = torch.randint(0, 4, (6, total), generator=generator)
+    lengths = torch.tensor([1, 2, 3, 9, 17, 24])
+    for n in (2, 3, 4):
+        mine = banned_ngrams(sequences, lengths, n, vocab)
+        for row, length in enumerate(lengths.tolist()):
+            scores = torch.zeros(1, vocab)
+            theirs = NoRepeatNGramLogitsProcessor(n)(sequences[row:row + 1, :length], scores)
+            assert torch.equal(mine[row], theirs[0].isinf()), (n, row)
+
+
+@pytest.mark.slow
+def test_compiled_decoding_gives_the_same_tokens(tiny_loaded):
+    """torch.compile'd step (static shapes; CUDA graphs on a GPU): greedy and beams 3, batch 1 and 8."""
+    plain = Florence2Engine(tiny_loaded)
+    fast = DecodeEngine(tiny_loaded, DecodeOptions(rows=24, compile=True))
+    fast.warm_up((1,))
+    for settings in SETTINGS:
+        requests = _requests([settings])
+        assert _texts(fast.run_batch(_copy(requests[:1]))) == _texts(plain.run_batch(_copy(requests[:1])))
+        assert _texts(fast.run_batch(_copy(requests[:8]))) == _texts(plain.run_batch(_copy(requests[:8])))
