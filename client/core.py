@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import grpc
@@ -28,8 +29,9 @@ def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: st
              region: tuple[float, float, float, float] | None = None, request_id: str | None = None,
              priority: int = 0, num_beams: int = 0, max_new_tokens: int = 0, min_new_tokens: int = 0,
              repetition_penalty: float = 0.0, timeout_s: float | None = None,
-             cancel_on_disconnect: bool = False) -> pb.JobSpec:
-    """A JobSpec; `request_id` defaults to a fresh UUID, which makes retries of it safe."""
+             cancel_on_disconnect: bool = False, more_tasks: Iterable = ()) -> pb.JobSpec:
+    """A JobSpec; `request_id` defaults to a fresh UUID, which makes retries of it safe. `more_tasks`:
+    further tasks on the same image, each a Task (or its name) or a (task, text[, region]) tuple."""
     task = task if isinstance(task, Task) else Task.parse(task)
     spec = pb.JobSpec(
         model=model, task=task_to_proto(task), image=image_bytes(image), text=text,
@@ -42,7 +44,20 @@ def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: st
         spec.region.CopyFrom(pb.Region(x1=region[0], y1=region[1], x2=region[2], y2=region[3]))
     if timeout_s is not None:
         spec.timeout.FromMilliseconds(int(timeout_s * 1000))
+    for item in more_tasks:
+        extra_task, extra_text, extra_region = task_request(item)
+        extra = spec.more_tasks.add(task=task_to_proto(extra_task), text=extra_text)
+        if extra_region is not None:
+            extra.region.CopyFrom(pb.Region(x1=extra_region[0], y1=extra_region[1], x2=extra_region[2],
+                                            y2=extra_region[3]))
     return spec
+
+
+def task_request(item) -> tuple[Task, str, tuple | None]:
+    """A task of several on one image: a Task, its name, or a (task, text[, region]) tuple."""
+    parts = item if isinstance(item, tuple) else (item,)
+    task, text, region = parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else None
+    return (task if isinstance(task, Task) else Task.parse(task)), text, region
 
 
 class ClientCore:

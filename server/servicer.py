@@ -37,6 +37,9 @@ from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
+# JobSpec.more_tasks: the most further tasks one Submit may ask for on its image.
+MAX_MORE_TASKS = 8
+
 
 class _Answered:
     """Counts an RPC in florence2_requests_total and times it (florence2_request_duration_seconds)."""
@@ -152,14 +155,21 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         except NoWorker as exc:
             raise _no_worker(exc) from None
 
-    async def _submit(self, spec: pb.JobSpec, context, call_deadline: bool, job_id: str | None = None):
-        """Validate and enqueue: the rq_bridge.Enqueued outcome and the record."""
+    async def _check(self, spec: pb.JobSpec, image_checked: bool = False):
+        """Every check of a job before it is queued: (CheckedSpec, the model's capabilities)."""
         checked = validation.check_spec(spec, self.settings.max_image_bytes)
         model = await self._capabilities(spec)
         validation.check_for_model(spec, checked, model)
         if spec.text:
             validation.check_text_tokens(spec, await self.store.count_tokens(spec.text, model), model)
-        await self.images.check(spec.image, checked.region)
+        if not image_checked:
+            await self.images.check(spec.image, checked.region)
+        return checked, model
+
+    async def _submit(self, spec: pb.JobSpec, context, call_deadline: bool, job_id: str | None = None,
+                      image_checked: bool = False):
+        """Validate and enqueue: the rq_bridge.Enqueued outcome and the record."""
+        checked, _ = await self._check(spec, image_checked)
         now = time.time()
         deadlines = [now + checked.timeout_s] if checked.timeout_s else []
         remaining = context.time_remaining() if call_deadline else None
@@ -187,15 +197,58 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
         existing_id = await self._existing(request.job)
         if existing_id is None:
+            more = await self._more_tasks(request.job)
             enqueued, _ = await self._submit(request.job, context, call_deadline=False)
             if enqueued.created:
-                return pb.SubmitResponse(job_id=enqueued.job_id, created=True, state=pb.JOB_STATE_QUEUED)
+                more_ids = [(await self._submit(spec, context, call_deadline=False, image_checked=True))[0].job_id
+                            for spec in more]
+                return pb.SubmitResponse(job_id=enqueued.job_id, created=True, state=pb.JOB_STATE_QUEUED,
+                                         more_job_ids=more_ids)
             existing_id = enqueued.job_id
         existing, _ = await self._get(existing_id)
-        return pb.SubmitResponse(job_id=existing_id, created=False, state=state_to_proto(existing.state))
+        more_ids = []
+        for index in range(len(request.job.more_tasks)):  # a retry: the jobs its first call created
+            found = await self.store.find_request(f"{request.job.request_id}.t{index + 1}")
+            if found:
+                more_ids.append(found[0])
+        return pb.SubmitResponse(job_id=existing_id, created=False, state=state_to_proto(existing.state),
+                                 more_job_ids=more_ids)
+
+    async def _more_tasks(self, spec: pb.JobSpec) -> list[pb.JobSpec]:
+        """The job specs of JobSpec.more_tasks, every one checked (nothing is queued yet)."""
+        if not spec.more_tasks:
+            return []
+        if len(spec.more_tasks) > MAX_MORE_TASKS:
+            raise invalid("job.more_tasks", f"at most {MAX_MORE_TASKS} more tasks per job, got {len(spec.more_tasks)}")
+        if len(spec.request_id) > validation.MAX_REQUEST_ID - 3:
+            raise invalid("job.request_id", f"with more_tasks, request_id may have at most "
+                                            f"{validation.MAX_REQUEST_ID - 3} characters (each task's job adds '.tN')")
+        specs = []
+        for index, extra in enumerate(spec.more_tasks):
+            sibling = pb.JobSpec()
+            sibling.CopyFrom(spec)
+            sibling.ClearField("more_tasks")
+            sibling.task, sibling.text = extra.task, extra.text
+            if extra.HasField("region"):
+                sibling.region.CopyFrom(extra.region)
+            else:
+                sibling.ClearField("region")
+            sibling.request_id = f"{spec.request_id}.t{index + 1}" if spec.request_id else ""
+            try:
+                await self._check(sibling, image_checked=True)
+            except ServiceError as exc:
+                exc.violations = [(name.replace("job.", f"job.more_tasks[{index}].", 1)
+                                   if name.split(".")[1] in ("task", "text", "region") else name, text)
+                                  for name, text in exc.violations]
+                raise
+            specs.append(sibling)
+        return specs
 
     @_guarded_stream
     async def Run(self, request: pb.RunRequest, context):
+        if request.job.more_tasks:
+            raise invalid("job.more_tasks", "Run streams one job; submit several tasks on one image with Submit "
+                                            "and Watch each job")
         existing_id = await self._existing(request.job)
         if existing_id is None:
             job_id = new_job_id()

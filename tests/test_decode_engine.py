@@ -160,3 +160,46 @@ def test_compiled_decoding_gives_the_same_tokens(tiny_loaded):
         requests = _requests([settings])
         assert _texts(fast.run_batch(_copy(requests[:1]))) == _texts(plain.run_batch(_copy(requests[:1])))
         assert _texts(fast.run_batch(_copy(requests[:8]))) == _texts(plain.run_batch(_copy(requests[:8])))
+
+
+# -- several tasks on one image through the service ----------------------------------------------------
+
+def test_several_tasks_on_one_image_one_submit_one_encoding(service):
+    """JobSpec.more_tasks: one Submit, a job per task, each result equal to the task run alone (the one
+    encoding per image is counted in test_tasks_on_one_image_share_one_vision_encoding)."""
+    from florence2_serve.client.core import job_spec
+
+    client = service.client
+    tasks = [Task.OD, Task.CAPTION, (Task.CAPTION_TO_PHRASE_GROUNDING, "a red car")]
+    together = client.detect_tasks(service.car_jpeg, "tiny", tasks, num_beams=3)
+    alone = [client.detect(service.car_jpeg, "tiny", Task.OD), client.detect(service.car_jpeg, "tiny", Task.CAPTION),
+             client.detect(service.car_jpeg, "tiny", Task.CAPTION_TO_PHRASE_GROUNDING, text="a red car")]
+    assert [r.raw_text for r in together] == [r.raw_text for r in alone]
+    assert together[0].boxes and together[1].text
+    spec = job_spec(service.car_jpeg, "tiny", Task.OD, request_id="three-tasks", more_tasks=[Task.CAPTION, Task.OCR])
+    first = client.submit(spec)
+    again = client.submit(spec)  # AIP-155: the same jobs
+    assert len(first.more_job_ids) == 2 and (again.job_id, list(again.more_job_ids)) == (
+        first.job_id, list(first.more_job_ids))
+    assert client.get_job(request_id="three-tasks.t2").job_id == first.more_job_ids[1]
+
+
+def test_a_bad_further_task_is_refused_before_any_job_exists(service):
+    import grpc
+
+    from florence2_serve.client.core import job_spec
+    from florence2_serve.client.errors import RpcError
+
+    client = service.client
+    spec = job_spec(service.car_jpeg, "tiny", Task.OD, request_id="bad-more",
+                    more_tasks=[Task.CAPTION, (Task.REGION_TO_DESCRIPTION, "", None)])
+    with pytest.raises(RpcError) as error:
+        client.submit(spec)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.violations and error.value.violations[0][0].startswith("job.more_tasks[1].")
+    with pytest.raises(RpcError) as missing:
+        client.get_job(request_id="bad-more")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(RpcError) as run:
+        list(client.run(job_spec(service.car_jpeg, "tiny", Task.OD, more_tasks=[Task.CAPTION])))
+    assert run.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -122,6 +122,16 @@ class Region(_message.Message):
     y2: float
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
 
+class TaskRequest(_message.Message):
+    __slots__ = ("task", "text", "region")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    task: TaskType
+    text: str
+    region: Region
+    def __init__(self, task: _Optional[_Union[TaskType, str]] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ...) -> None: ...
+
 class GenerationOptions(_message.Message):
     __slots__ = ("num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty")
     NUM_BEAMS_FIELD_NUMBER: _ClassVar[int]
@@ -135,7 +145,7 @@ class GenerationOptions(_message.Message):
     def __init__(self, num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
 class JobSpec(_message.Message):
-    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout", "cancel_on_disconnect")
+    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout", "cancel_on_disconnect", "more_tasks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +156,7 @@ class JobSpec(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    MORE_TASKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: TaskType
     image: bytes
@@ -156,7 +167,8 @@ class JobSpec(_message.Message):
     priority: int
     timeout: _duration_pb2.Duration
     cancel_on_disconnect: bool
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel_on_disconnect: _Optional[bool] = ...) -> None: ...
+    more_tasks: _containers.RepeatedCompositeFieldContainer[TaskRequest]
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel_on_disconnect: _Optional[bool] = ..., more_tasks: _Optional[_Iterable[_Union[TaskRequest, _Mapping]]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("job",)
@@ -165,14 +177,16 @@ class SubmitRequest(_message.Message):
     def __init__(self, job: _Optional[_Union[JobSpec, _Mapping]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("job_id", "created", "state")
+    __slots__ = ("job_id", "created", "state", "more_job_ids")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    MORE_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     created: bool
     state: JobState
-    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ..., state: _Optional[_Union[JobState, str]] = ...) -> None: ...
+    more_job_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ..., state: _Optional[_Union[JobState, str]] = ..., more_job_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunRequest(_message.Message):
     __slots__ = ("job",)
