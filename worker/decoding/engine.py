@@ -36,6 +36,7 @@ class Active:
     request: InferenceRequest
     outcome: InferenceOutcome
     rows: list[int]
+    row_index: torch.Tensor
     source_length: int
     search: GreedySearch | BeamSearch
     started: float
@@ -163,7 +164,8 @@ class DecodeEngine(Florence2Engine):
             max_length = 1 + request.generation.max_new_tokens
             search = (BeamSearch(beams, max_length, self.specials, self.decoder.device) if beams > 1
                       else GreedySearch(max_length, self.specials, self.decoder.device))
-            self.active.append(Active(request, outcome, rows, source_length, search, started, preprocess_ms))
+            self.active.append(Active(request, outcome, rows, torch.tensor(rows, device=self.decoder.device),
+                                      source_length, search, started, preprocess_ms))
 
     def _encode(self, requests: list[InferenceRequest], prompts: list[str]):
         """Encoder states [n, S, d] and masks [n, S] for the requests (image features from the cache)."""
@@ -272,19 +274,20 @@ class DecodeEngine(Florence2Engine):
                 if is_done:
                     finished.append(active)
             else:
-                parents, beam_tokens, beam_done = active.search.advance(scores[active.rows])
+                parents, beam_tokens, beam_done = active.search.advance(scores[active.row_index])
                 beam_steps.append((active, parents, beam_tokens, beam_done))
         if beam_steps:
             flags = torch.stack([step[3] for step in beam_steps]).tolist()
             for (active, parents, beam_tokens, _), is_done in zip(beam_steps, flags):
-                rows = torch.tensor(active.rows, device=device)
+                rows = active.row_index
                 source = rows[parents]
                 length = active.search.length - 1  # cached positions before this step's token
                 self.decoder.copy_rows(rows, source, length)
                 self.sequences[rows] = self.sequences[source]
-                self.seen[rows] = self.seen[source]
                 self.sequences[rows, length] = beam_tokens
-                self.seen[rows, beam_tokens] = True
+                if active.request.generation.repetition_penalty != 1.0:
+                    self.seen[rows] = self.seen[source]
+                    self.seen[rows, beam_tokens] = True
                 self.lengths[rows] = length + 1
                 if is_done:
                     finished.append(active)
@@ -292,7 +295,8 @@ class DecodeEngine(Florence2Engine):
             index = torch.tensor(new_rows, device=device)
             token_tensor = torch.tensor(new_tokens, device=device)
             self.sequences[index, self.lengths[index]] = token_tensor
-            self.seen[index, token_tensor] = True
+            if seen is not None:
+                self.seen[index, token_tensor] = True
             self.lengths[index] += 1
         for active in finished:
             self._finish(active)

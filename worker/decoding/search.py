@@ -52,6 +52,7 @@ class BeamSearch:
         self.finished_indices = self.running_indices.clone()
         self.is_finished = torch.zeros(beams, dtype=torch.bool, device=device)
         self.improvable = torch.ones((), dtype=torch.bool, device=device)
+        self.far = torch.tensor(FAR, device=device)
         self.length = 1
 
     def advance(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,6 +77,24 @@ class BeamSearch:
         self.running_indices = candidate_indices[chosen]
 
         just_finished = hits & self.top_mask
+        if bool(just_finished.any()):  # else the merge keeps the finished beams as they are
+            self._merge_finished(candidates, candidate_indices, top_scores, just_finished, cur)
+
+        self.length = cur = cur + 1
+        penalty = self.specials.length_penalty
+        if self.specials.early_stopping == "never" and penalty > 0.0:
+            hypothetical = self.max_length - 1
+        else:
+            hypothetical = cur - 1
+        best_running = self.running_scores[:1] / (hypothetical ** penalty)
+        worst_finished = torch.where(self.is_finished, self.finished_scores.min(), self.far)
+        self.improvable = self.improvable & (best_running > worst_finished).any()
+        open_beam = ~(self.is_finished.all() & (self.specials.early_stopping is True))
+        done = ~(self.improvable & open_beam & ~hits.all())
+        return self.running_indices[:, cur - 2], self.running[:, cur - 1], done
+
+    def _merge_finished(self, candidates, candidate_indices, top_scores, just_finished, cur: int) -> None:
+        """Keep the best `beams` of the finished beams and the candidates that just finished."""
         scores = top_scores / ((cur + 1 - 1) ** self.specials.length_penalty)
         full = self.is_finished.all() & (self.specials.early_stopping is True)
         scores = scores + full.float() * FAR + (~self.improvable).float() * FAR + (~just_finished).float() * FAR
@@ -85,19 +104,6 @@ class BeamSearch:
         self.finished_scores = merged_scores[best]
         self.finished_indices = torch.cat((self.finished_indices, candidate_indices))[best]
         self.is_finished = torch.cat((self.is_finished, just_finished))[best]
-
-        self.length = cur = cur + 1
-        penalty = self.specials.length_penalty
-        if self.specials.early_stopping == "never" and penalty > 0.0:
-            hypothetical = self.max_length - 1
-        else:
-            hypothetical = cur - 1
-        best_running = self.running_scores[:1] / (hypothetical ** penalty)
-        worst_finished = torch.where(self.is_finished, self.finished_scores.min(), torch.tensor(FAR, device=best_running.device))
-        self.improvable = self.improvable & (best_running > worst_finished).any()
-        open_beam = ~(self.is_finished.all() & (self.specials.early_stopping is True))
-        done = ~(self.improvable & open_beam & ~hits.all())
-        return self.running_indices[:, cur - 2], self.running[:, cur - 1], done
 
     def output(self) -> list[int]:
         generated = int((self.finished_indices[0] + 1).bool().sum())

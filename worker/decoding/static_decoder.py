@@ -38,7 +38,8 @@ class StaticDecoder(nn.Module):
         parameter = next(model.parameters())
         dtype, device = parameter.dtype, parameter.device
         self.mask_value = torch.finfo(dtype).min
-        shape = (len(self.layers), rows, self.heads, max_len, self.head_dim)
+        # [layers, rows * max_len, d_model]: one row-and-position index (row * max_len + position) writes a step.
+        shape = (len(self.layers), rows * max_len, self.heads * self.head_dim)
         self.register_buffer("self_k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("self_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         cross = (len(self.layers), rows, self.heads, max_source, self.head_dim)
@@ -71,11 +72,17 @@ class StaticDecoder(nn.Module):
         additive[:, :length] = torch.where(source_mask.bool(), 0.0, self.mask_value).to(additive.dtype)
         self.cross_mask[rows] = additive[:, None, None, :]
 
+    def _cached(self, cache: torch.Tensor, layer: int, rows: int, span: int) -> torch.Tensor:
+        """[rows, heads, span, head_dim] view of a layer's self-attention cache."""
+        grid = cache[layer].view(self.rows, self.max_len, self.heads, self.head_dim)
+        return grid[:rows, :span].transpose(1, 2)
+
     @torch.no_grad()
     def copy_rows(self, destination: torch.Tensor, source: torch.Tensor, length: int) -> None:
         """Beam search reorder: rows `destination` take the first `length` cached positions of `source`."""
         for cache in (self.self_k, self.self_v):
-            cache[:, destination, :, :length] = cache[:, source, :, :length]
+            grid = cache.view(cache.shape[0], self.rows, self.max_len, -1)
+            grid[:, destination, :length] = grid[:, source, :length]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, span: int | None = None,
                 source_span: int | None = None) -> torch.Tensor:
@@ -91,26 +98,36 @@ class StaticDecoder(nn.Module):
         self_mask = torch.where(self.columns[None, :span] <= positions[:, None], 0.0, self.mask_value)
         self_mask = self_mask.to(hidden.dtype)[:, None, None, :]
         cross_mask = self.cross_mask[:rows, :, :, :source_span]
+        slots = row_index * self.max_len + positions
         for index, layer in enumerate(self.layers):
-            attention = layer.self_attn
+            attention, cross = layer.self_attn, layer.encoder_attn
             residual = hidden
-            query = self._heads(attention.q_proj(hidden))
-            self.self_k[index, row_index, :, positions] = self._heads(attention.k_proj(hidden))[:, :, 0]
-            self.self_v[index, row_index, :, positions] = self._heads(attention.v_proj(hidden))[:, :, 0]
-            hidden = self._attend(query, self.self_k[index, :rows, :, :span], self.self_v[index, :rows, :, :span],
-                                  self_mask, attention.out_proj)
-            hidden = layer.self_attn_layer_norm(residual + hidden)
+            query = self._heads(_linear(attention.q_proj, hidden))
+            self.self_k[index].index_copy_(0, slots, _linear(attention.k_proj, hidden)[:, 0])
+            self.self_v[index].index_copy_(0, slots, _linear(attention.v_proj, hidden)[:, 0])
+            hidden = self._attend(query, self._cached(self.self_k, index, rows, span),
+                                  self._cached(self.self_v, index, rows, span), self_mask, attention.out_proj)
+            hidden = _norm(layer.self_attn_layer_norm, residual + hidden)
             residual = hidden
-            cross = layer.encoder_attn
-            hidden = self._attend(self._heads(cross.q_proj(hidden)), self.cross_k[index, :rows, :, :source_span],
+            hidden = self._attend(self._heads(_linear(cross.q_proj, hidden)), self.cross_k[index, :rows, :, :source_span],
                                   self.cross_v[index, :rows, :, :source_span], cross_mask, cross.out_proj)
-            hidden = layer.encoder_attn_layer_norm(residual + hidden)
+            hidden = _norm(layer.encoder_attn_layer_norm, residual + hidden)
             residual = hidden
-            hidden = layer.fc2(layer.activation_fn(layer.fc1(hidden)))
-            hidden = layer.final_layer_norm(residual + hidden)
+            hidden = _linear(layer.fc2, layer.activation_fn(_linear(layer.fc1, hidden)))
+            hidden = _norm(layer.final_layer_norm, residual + hidden)
         return self.lm_head(hidden[:, 0]).float()
 
     def _attend(self, query, keys, values, mask, out_proj):
         weights = torch.matmul(query, keys.transpose(2, 3)) * self.scaling + mask
         output = torch.matmul(nn.functional.softmax(weights, dim=-1), values)
-        return out_proj(output.transpose(1, 2).reshape(output.shape[0], 1, -1))
+        return _linear(out_proj, output.transpose(1, 2).reshape(output.shape[0], 1, -1))
+
+
+# nn.Linear / nn.LayerNorm's own functions on their own parameters, without the module call machinery
+# (a step calls them a dozen times per layer).
+def _linear(module: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(states, module.weight, module.bias)
+
+
+def _norm(module: nn.LayerNorm, states: torch.Tensor) -> torch.Tensor:
+    return nn.functional.layer_norm(states, module.normalized_shape, module.weight, module.bias, module.eps)
