@@ -119,7 +119,7 @@ def test_a_cancelled_request_leaves_at_once_and_frees_its_rows(engines):
         first, second = fast.run_batch([stopped, other])
     finally:
         del fast._step
-    assert first.cancelled and second.result is not None and len(fast.free) == fast.options.rows
+    assert first.cancelled and second.result is not None and len(fast.free) == fast.decoder.rows
 
 
 def test_tasks_on_one_image_share_one_vision_encoding(engines):

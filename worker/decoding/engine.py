@@ -64,18 +64,23 @@ class DecodeEngine(Florence2Engine):
         self.specials = Specials.of(model.generation_config)
         self.max_len = self.max_new_tokens_limit + 1
         self.image_tokens = loaded.processor.num_image_tokens
-        max_source = self.image_tokens + self.max_text_tokens + 64
-        self.decoder = StaticDecoder(model, self.options.rows, self.max_len, max_source).eval()
+        self.full_source = self.image_tokens + self.max_text_tokens + 64
+        if self.options.compile:  # static shapes: everything at its largest from the start
+            rows, length, source = self.options.rows, self.max_len, self.full_source
+        else:  # grown on demand (decoder.reserve): memory follows the jobs met so far
+            rows, length, source = min(self.options.rows, 4), 64, self.image_tokens + 64
+        self.decoder = StaticDecoder(model, rows, length, source).eval()
         device = self.decoder.device
-        rows = self.options.rows
+        self.vocab = model.config.text_config.vocab_size
         self.sequences = torch.full((rows, self.max_len), self.specials.pad, dtype=torch.long, device=device)
         self.lengths = torch.ones(rows, dtype=torch.long, device=device)
         self.penalty = torch.ones(rows, device=device)
         self.min_new = torch.zeros(rows, dtype=torch.long, device=device)
         self.max_length = torch.full((rows,), self.max_len, dtype=torch.long, device=device)
-        self.seen = torch.zeros(rows, model.config.text_config.vocab_size, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
         self.beam_rows = torch.zeros(rows, dtype=torch.bool, device=device)
         self.free = list(range(rows))
+        self.capacity = self.options.rows  # the most rows this engine grows to
         self.active: list[Active] = []
         self.images: OrderedDict = OrderedDict()
         self.image_encodings = 0
@@ -112,7 +117,7 @@ class DecodeEngine(Florence2Engine):
         done(outcome) is called once per pulled request, as soon as it ends. pull returns None to stop
         (serve returns once the active requests have ended)."""
         while True:
-            joining = pull(len(self.free), not self.active)
+            joining = pull(len(self.free) + self.capacity - self.decoder.rows, not self.active)
             if joining is None and not self.active:
                 return  # the caller is stopping
             if joining:
@@ -155,6 +160,8 @@ class DecodeEngine(Florence2Engine):
             return
         preprocess_ms = (time.perf_counter() - started) * 1000
         self.generate_calls += 1
+        self._reserve(sum(r.generation.num_beams for r, _, _ in ready),
+                      max(1 + r.generation.max_new_tokens for r, _, _ in ready), states.shape[1])
         for index, (request, outcome, _) in enumerate(ready):
             beams = request.generation.num_beams
             self.free.sort()
@@ -210,6 +217,30 @@ class DecodeEngine(Florence2Engine):
         while len(self.images) > self.options.image_cache:
             self.images.popitem(last=False)
         return features
+
+    def _reserve(self, rows_needed: int, length: int, source: int) -> None:
+        """Grow the decoder and the per-row state so that `rows_needed` more rows are free."""
+        if self.options.compile:
+            return
+        missing = rows_needed - len(self.free)
+        rows = self.decoder.rows
+        if missing > 0:
+            rows = min(self.capacity, max(rows + missing, 2 * rows))
+        self.decoder.reserve(rows, length, source)
+        added = rows - self.sequences.shape[0]
+        if added <= 0:
+            return
+        device = self.decoder.device
+
+        def grow(tensor, fill):
+            extra = torch.full((added, *tensor.shape[1:]), fill, dtype=tensor.dtype, device=device)
+            return torch.cat([tensor, extra])
+
+        self.sequences = grow(self.sequences, self.specials.pad)
+        self.lengths, self.penalty = grow(self.lengths, 1), grow(self.penalty, 1.0)
+        self.min_new, self.max_length = grow(self.min_new, 0), grow(self.max_length, self.max_len)
+        self.seen, self.beam_rows = grow(self.seen, False), grow(self.beam_rows, False)
+        self.free.extend(range(rows - added, rows))
 
     def _load_rows(self, rows: list[int], request: InferenceRequest, states, mask) -> None:
         index = torch.tensor(rows, device=self.decoder.device)

@@ -53,6 +53,32 @@ class StaticDecoder(nn.Module):
     def device(self):
         return self.self_k.device
 
+    @torch.no_grad()
+    def reserve(self, rows: int, max_len: int, max_source: int) -> None:
+        """Grow the caches (never shrink) to hold `rows` rows of `max_len` positions and `max_source` encoder
+        positions, keeping what they hold. The eager path starts small and grows with the jobs it meets, so
+        memory follows use; a compiled step needs its shapes fixed from the start."""
+        rows, max_len, max_source = max(rows, self.rows), max(max_len, self.max_len), max(max_source, self.max_source)
+        if (rows, max_len, max_source) == (self.rows, self.max_len, self.max_source):
+            return
+        layers, width = self.self_k.shape[0], self.self_k.shape[2]
+        for name in ("self_k", "self_v"):
+            old = getattr(self, name)
+            grown = old.new_zeros(layers, rows * max_len, width)
+            grown.view(layers, rows, max_len, width)[:, :self.rows, :self.max_len] = old.view(
+                layers, self.rows, self.max_len, width)
+            setattr(self, name, grown)
+        for name in ("cross_k", "cross_v"):
+            old = getattr(self, name)
+            grown = old.new_zeros(layers, rows, self.heads, max_source, self.head_dim)
+            grown[:, :self.rows, :, :self.max_source] = old
+            setattr(self, name, grown)
+        mask = self.cross_mask.new_full((rows, 1, 1, max_source), self.mask_value)
+        mask[:self.rows, :, :, :self.max_source] = self.cross_mask
+        self.cross_mask = mask
+        self.columns = torch.arange(max_len, device=self.device)
+        self.rows, self.max_len, self.max_source = rows, max_len, max_source
+
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
         """[n, length, d_model] -> [n, heads, length, head_dim]"""
         return states.view(states.shape[0], states.shape[1], self.heads, self.head_dim).transpose(1, 2)
