@@ -65,7 +65,11 @@ class DecodeEngine(Florence2Engine):
         self.max_len = self.max_new_tokens_limit + 1
         self.image_tokens = loaded.processor.num_image_tokens
         self.full_source = self.image_tokens + self.max_text_tokens + 64
-        if self.options.compile:  # static shapes: everything at its largest from the start
+        # CUDA graphs need every shape and address fixed: with --compile on a GPU the caches are allocated at
+        # their largest and every step runs all rows over the whole cache. Elsewhere (eager, or compiled with
+        # dynamic shapes on CPU) a step covers only the live rows and positions, and the caches grow with use.
+        self.static_shapes = self.options.compile and loaded.device.type == "cuda"
+        if self.static_shapes:
             rows, length, source = self.options.rows, self.max_len, self.full_source
         else:  # grown on demand (decoder.reserve): memory follows the jobs met so far
             rows, length, source = min(self.options.rows, 4), 64, self.image_tokens + 64
@@ -85,9 +89,10 @@ class DecodeEngine(Florence2Engine):
         self.images: OrderedDict = OrderedDict()
         self.image_encodings = 0
         self.step_fn = self.decoder
-        if self.options.compile:
-            mode = "reduce-overhead" if device.type == "cuda" else "default"
-            self.step_fn = torch.compile(self.decoder, mode=mode, dynamic=False, fullgraph=True)
+        if self.static_shapes:
+            self.step_fn = torch.compile(self.decoder, mode="reduce-overhead", dynamic=False, fullgraph=True)
+        elif self.options.compile:
+            self.step_fn = torch.compile(self.decoder, dynamic=True)
 
     # -- the Engine interface -----------------------------------------------------------------------
 
@@ -220,7 +225,7 @@ class DecodeEngine(Florence2Engine):
 
     def _reserve(self, rows_needed: int, length: int, source: int) -> None:
         """Grow the decoder and the per-row state so that `rows_needed` more rows are free."""
-        if self.options.compile:
+        if self.static_shapes:
             return
         missing = rows_needed - len(self.free)
         rows = self.decoder.rows
@@ -268,7 +273,7 @@ class DecodeEngine(Florence2Engine):
         if not self.active:
             return
         device = self.decoder.device
-        if self.options.compile:  # static shapes: every row, the whole cache
+        if self.static_shapes:  # every row, the whole cache
             count, span, source_span = self.options.rows, None, None
         else:
             count = max(max(active.rows) for active in self.active) + 1
@@ -305,20 +310,19 @@ class DecodeEngine(Florence2Engine):
                 if is_done:
                     finished.append(active)
             else:
-                parents, beam_tokens, beam_done = active.search.advance(scores[active.row_index])
-                beam_steps.append((active, parents, beam_tokens, beam_done))
+                parents, beam_done = active.search.advance(scores[active.row_index])
+                beam_steps.append((active, parents, beam_done))
         if beam_steps:
-            flags = torch.stack([step[3] for step in beam_steps]).tolist()
-            for (active, parents, beam_tokens, _), is_done in zip(beam_steps, flags):
-                rows = active.row_index
+            flags = torch.stack([step[2] for step in beam_steps]).tolist()
+            for (active, parents, _), is_done in zip(beam_steps, flags):
+                rows, search = active.row_index, active.search
+                length = search.length - 1  # cached positions before this step's token
                 source = rows[parents]
-                length = active.search.length - 1  # cached positions before this step's token
                 self.decoder.copy_rows(rows, source, length)
-                self.sequences[rows] = self.sequences[source]
-                self.sequences[rows, length] = beam_tokens
+                self.sequences[rows, :length + 1] = search.running[:, :length + 1]
                 if active.request.generation.repetition_penalty != 1.0:
                     self.seen[rows] = self.seen[source]
-                    self.seen[rows, beam_tokens] = True
+                    self.seen[rows, search.running[:, length]] = True
                 self.lengths[rows] = length + 1
                 if is_done:
                     finished.append(active)

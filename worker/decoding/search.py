@@ -38,6 +38,10 @@ class GreedySearch:
 
 
 class BeamSearch:
+    """transformers' beam search for one request. Where transformers keeps every beam's history of parent
+    indices, only two things of it are ever read: this step's parents (to reorder the cache) and, for a
+    finished beam, how many tokens it generated; so those are what is kept."""
+
     def __init__(self, beams: int, max_length: int, specials: Specials, device):
         self.beams, self.max_length, self.specials = beams, max_length, specials
         self.keep = 2 * beams  # max(2, 1 + number of EOS tokens) * beams, with one EOS token
@@ -46,39 +50,34 @@ class BeamSearch:
         self.running[:, 0] = specials.start
         self.running_scores = torch.zeros(beams, device=device)
         self.running_scores[1:] = FAR
-        self.running_indices = torch.full((beams, max_length - 1), -1, dtype=torch.long, device=device)
         self.finished = self.running.clone()
         self.finished_scores = torch.full((beams,), FAR, device=device)
-        self.finished_indices = self.running_indices.clone()
+        self.finished_lengths = torch.zeros(beams, dtype=torch.long, device=device)
         self.is_finished = torch.zeros(beams, dtype=torch.bool, device=device)
         self.improvable = torch.ones((), dtype=torch.bool, device=device)
         self.far = torch.tensor(FAR, device=device)
         self.length = 1
 
-    def advance(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log_probs [beams, vocab], already processed. Returns (parent row per running beam, next token per
-        running beam, done) as tensors; `done` is a 0-d bool tensor, read once per step by the caller."""
+    def advance(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log_probs [beams, vocab], already processed. Returns (parent row per running beam, done), `done` a
+        0-d bool tensor the caller reads once per step; the running beams' tokens are `running[:, :length]`."""
         cur, vocab = self.length, log_probs.shape[1]
-        accumulated = (log_probs + self.running_scores[:, None]).reshape(1, -1)
-        top_scores, top_indices = torch.topk(accumulated, k=self.keep)
-        top_scores, top_indices = top_scores[0], top_indices[0]
+        top_scores, top_indices = torch.topk((log_probs + self.running_scores[:, None]).view(-1), k=self.keep)
         parents = torch.div(top_indices, vocab, rounding_mode="floor")
-        tokens = top_indices % vocab
         candidates = self.running[parents]
-        candidates[:, cur] = tokens
-        candidate_indices = self.running_indices[parents]
-        candidate_indices[:, cur - 1] = parents
-        hits = (tokens == self.specials.eos) | (cur + 1 >= self.max_length)
+        candidates[:, cur] = top_indices % vocab
+        hits = candidates[:, cur] == self.specials.eos
+        if cur + 1 >= self.max_length:
+            hits = torch.ones_like(hits)
 
         running_scores = top_scores + hits.float() * FAR
         chosen = torch.topk(running_scores, k=self.beams)[1]
         self.running = candidates[chosen]
         self.running_scores = running_scores[chosen]
-        self.running_indices = candidate_indices[chosen]
 
         just_finished = hits & self.top_mask
         if bool(just_finished.any()):  # else the merge keeps the finished beams as they are
-            self._merge_finished(candidates, candidate_indices, top_scores, just_finished, cur)
+            self._merge_finished(candidates, top_scores, just_finished, cur)
 
         self.length = cur = cur + 1
         penalty = self.specials.length_penalty
@@ -91,9 +90,9 @@ class BeamSearch:
         self.improvable = self.improvable & (best_running > worst_finished).any()
         open_beam = ~(self.is_finished.all() & (self.specials.early_stopping is True))
         done = ~(self.improvable & open_beam & ~hits.all())
-        return self.running_indices[:, cur - 2], self.running[:, cur - 1], done
+        return parents[chosen], done
 
-    def _merge_finished(self, candidates, candidate_indices, top_scores, just_finished, cur: int) -> None:
+    def _merge_finished(self, candidates, top_scores, just_finished, cur: int) -> None:
         """Keep the best `beams` of the finished beams and the candidates that just finished."""
         scores = top_scores / ((cur + 1 - 1) ** self.specials.length_penalty)
         full = self.is_finished.all() & (self.specials.early_stopping is True)
@@ -102,9 +101,9 @@ class BeamSearch:
         best = torch.topk(merged_scores, k=self.beams)[1]
         self.finished = torch.cat((self.finished, candidates))[best]
         self.finished_scores = merged_scores[best]
-        self.finished_indices = torch.cat((self.finished_indices, candidate_indices))[best]
+        generated = torch.full((candidates.shape[0],), cur, dtype=torch.long, device=candidates.device)
+        self.finished_lengths = torch.cat((self.finished_lengths, generated))[best]
         self.is_finished = torch.cat((self.is_finished, just_finished))[best]
 
     def output(self) -> list[int]:
-        generated = int((self.finished_indices[0] + 1).bool().sum())
-        return self.finished[0, :1 + generated].tolist()
+        return self.finished[0, :1 + int(self.finished_lengths[0])].tolist()
