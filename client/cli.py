@@ -119,7 +119,8 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
               help="Checkpoint kind; auto reads config.json: a Microsoft-format (auto_map) checkpoint is converted "
                    "to native once and served natively; remote forces its own code (transformers < 4.50 only). "
                    "noop: no model, empty results at once (for measuring the service itself).")
-@click.option("--batch-size", type=int, default=None, help="Most jobs per generate (default 8).")
+@click.option("--batch-size", type=int, default=None,
+              help="Most jobs decoding at once (default 8); with --engine generate, the most per generate call.")
 @click.option("--batch-wait-ms", type=float, default=None, help="Under load, wait this long to fill a batch (default 5).")
 @click.option("--worker-id", default=None, help="This worker's id in Redis and ListModels (default host-pid-random).")
 @click.option("--job-heartbeat-ttl", "job_heartbeat_ttl_s", type=int, default=None,
@@ -232,9 +233,13 @@ def serve(redis_url, **options):
               help="Workers' weights dtype; auto: fp16 on CUDA, fp32 on CPU.")
 @click.option("--attention", type=click.Choice(["eager", "sdpa"]), default=None,
               help="Workers' attention implementation (default eager).")
-@click.option("--batch-size", type=int, default=None, help="Most jobs per generate, per worker (default 8).")
+@click.option("--batch-size", type=int, default=None, help="Most jobs decoding at once, per worker (default 8).")
 @click.option("--kind", type=click.Choice(["auto", "native", "remote", "yolo", "noop"]), default=None,
               help="Checkpoint kind (default auto: read from config.json).")
+@click.option("--engine", type=click.Choice(["auto", "decode", "generate"]), default=None,
+              help="Workers' Florence-2 decoding (default auto: the decode engine for native models).")
+@click.option("--compile/--no-compile", "compile_step", default=None,
+              help="torch.compile the workers' decode step (default on with CUDA, off on CPU).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL) instead of starting an embedded one.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FLORENCE2_DATA_DIR",
@@ -244,8 +249,8 @@ def serve(redis_url, **options):
 @click.option("--dashboard", is_flag=True,
               help="Also run rq-dashboard on the queues, at 127.0.0.1:9181 (needs the dashboard extra).")
 @_server_options
-def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, data_dir, in_memory, dashboard,
-       address, **server_options):
+def up(models, workers, device, dtype, attention, batch_size, kind, engine, compile_step, redis_url, data_dir,
+       in_memory, dashboard, address, **server_options):
     """Everything on one machine: Redis (embedded unless --redis-url), front end, N workers per model.
 
     Ctrl-C or SIGTERM: workers finish their jobs, then the front end stops, then Redis; a second
@@ -258,10 +263,12 @@ def up(models, workers, device, dtype, attention, batch_size, kind, redis_url, d
 
     worker_args = []
     for flag, value in (("--device", device), ("--dtype", dtype), ("--attention", attention),
-                        ("--batch-size", batch_size), ("--kind", kind),
+                        ("--batch-size", batch_size), ("--kind", kind), ("--engine", engine),
                         ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
         if value is not None:
             worker_args += [flag, str(value)]
+    if compile_step is not None:
+        worker_args.append("--compile" if compile_step else "--no-compile")
     if in_memory and data_dir is not None:
         raise click.BadParameter("--in-memory and --data-dir exclude each other")
     config = StackConfig(

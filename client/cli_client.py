@@ -24,12 +24,14 @@ def models(as_json, **connection):
         click.echo("no models (no worker has registered)")
     for model in found:
         flag = " [random weights]" if model.random_weights else ""
-        kind = to_json(model)["kind"]
-        click.echo(f"{model.name}: {kind}, {model.live_workers} live workers, {model.queue_depth} queued, "
-                   f"max_new_tokens {model.max_new_tokens}{flag}")
+        described = to_json(model)
+        click.echo(f"{model.name}: {described['kind']}, {model.live_workers} live workers, {model.queue_depth} queued, "
+                   f"max_new_tokens {model.max_new_tokens}, {described['source_format']} checkpoint{flag}")
         for worker in model.workers:
+            converted = " converted" if worker.converted else ""
             click.echo(f"  {worker.worker_id} {worker.device} {worker.dtype} {worker.attention} "
-                       f"batch={worker.batch_size} jobs={worker.jobs_done} generate_calls={worker.generate_calls}")
+                       f"batch={worker.batch_size} jobs={worker.jobs_done} generate_calls={worker.generate_calls}"
+                       f"{converted}")
 
 
 @click.group()

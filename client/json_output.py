@@ -11,7 +11,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-_PREFIXES = ("TASK_TYPE_", "JOB_STATE_", "EVENT_TYPE_", "MODEL_KIND_")
+_PREFIXES = ("TASK_TYPE_", "JOB_STATE_", "EVENT_TYPE_", "MODEL_KIND_", "CHECKPOINT_FORMAT_")
 
 
 def _short(value):
@@ -27,7 +27,7 @@ def _short(value):
     return value
 
 
-_ENUM_FIELDS = {"task", "tasks", "state", "type", "kind"}
+_ENUM_FIELDS = {"task", "tasks", "state", "type", "kind", "source_format"}
 
 
 def _shorten_enums(data):

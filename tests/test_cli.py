@@ -107,6 +107,7 @@ def test_up_detect_draw_models_job_health_through_the_entry_point(tiny_model_dir
 
         text_models = run_cli("models", "--server", address)
         assert "uptest: FLORENCE2, 2 live workers" in text_models.stdout and "random weights" in text_models.stdout
+        assert "NATIVE checkpoint" in text_models.stdout
 
         assert run_cli("health", "--server", address).stdout.strip() == "SERVING"
 

@@ -203,3 +203,27 @@ def test_a_bad_further_task_is_refused_before_any_job_exists(service):
     with pytest.raises(RpcError) as run:
         list(client.run(job_spec(service.car_jpeg, "tiny", Task.OD, more_tasks=[Task.CAPTION])))
     assert run.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_asyncio_client_runs_several_tasks_on_one_image(service):
+    import asyncio
+
+    from florence2_serve.client import AsyncFlorence2Client
+
+    async def run():
+        async with AsyncFlorence2Client(service.address, timeout=120) as client:
+            return await client.detect_tasks(service.car_jpeg, "tiny", ["OD", "CAPTION"])
+
+    od, caption = asyncio.run(run())
+    assert od.boxes and caption.text and od.raw_text != caption.raw_text
+
+
+@pytest.mark.slow
+def test_a_compiling_worker_warms_up_before_it_registers(valkey, worker_factory, tiny_model_dir):
+    """--compile: the step is compiled and run for the worker's batch sizes before it registers, so no
+    job pays for the compilation."""
+    worker = worker_factory(valkey.connection_url, f"tiny={tiny_model_dir}", "--compile", "--batch-size", "2",
+                            worker_id="compiling-w")
+    log = worker.log_path.read_text()
+    warmed = log.index("decode step compiled and warmed up")
+    assert warmed < log.index("serving model tiny") and "DecodeEngine engine" in log
