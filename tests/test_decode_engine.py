@@ -227,3 +227,19 @@ def test_a_compiling_worker_warms_up_before_it_registers(valkey, worker_factory,
     log = worker.log_path.read_text()
     warmed = log.index("decode step compiled and warmed up")
     assert warmed < log.index("serving model tiny") and "DecodeEngine engine" in log
+
+
+def test_a_failing_step_fails_its_jobs_and_the_engine_goes_on(engines):
+    _, fast = engines
+    settings = GenerationSettings(num_beams=1, max_new_tokens=8)
+    original = fast.step_fn
+
+    def broken(*args, **kwargs):
+        fast.step_fn = original
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    fast.step_fn = broken
+    first = fast.run_batch([InferenceRequest(lesson_images()[0], Task.OD, generation=settings)])[0]
+    assert first.error.reason == "INFERENCE_FAILED" and not fast.active and len(fast.free) == fast.decoder.rows
+    again = fast.run_batch([InferenceRequest(lesson_images()[0], Task.OD, generation=settings)])[0]
+    assert again.error is None and again.result.generated_tokens > 0

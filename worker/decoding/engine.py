@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+from florence2_serve.common.generation import MAX_NUM_BEAMS
+
 from ..engine import Florence2Engine
 from ..inference import InferenceOutcome, InferenceRequest
 from .logits import Specials, process
@@ -69,8 +71,10 @@ class DecodeEngine(Florence2Engine):
         # their largest and every step runs all rows over the whole cache. Elsewhere (eager, or compiled with
         # dynamic shapes on CPU) a step covers only the live rows and positions, and the caches grow with use.
         self.static_shapes = self.options.compile and loaded.device.type == "cuda"
+        # The most rows this engine grows to: always room for the widest beam search a request may ask.
+        self.capacity = max(self.options.rows, MAX_NUM_BEAMS)
         if self.static_shapes:
-            rows, length, source = self.options.rows, self.max_len, self.full_source
+            rows, length, source = self.capacity, self.max_len, self.full_source
         else:  # grown on demand (decoder.reserve): memory follows the jobs met so far
             rows, length, source = min(self.options.rows, 4), 64, self.image_tokens + 64
         self.decoder = StaticDecoder(model, rows, length, source).eval()
@@ -84,7 +88,6 @@ class DecodeEngine(Florence2Engine):
         self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
         self.beam_rows = torch.zeros(rows, dtype=torch.bool, device=device)
         self.free = list(range(rows))
-        self.capacity = self.options.rows  # the most rows this engine grows to
         self.active: list[Active] = []
         self.images: OrderedDict = OrderedDict()
         self.image_encodings = 0
@@ -131,7 +134,13 @@ class DecodeEngine(Florence2Engine):
                 if until_idle and not joining:
                     return
                 continue
-            self._step(done)
+            try:
+                self._step(done)
+            except Exception:  # noqa: BLE001 - a failed step fails the jobs in it, never the worker
+                log.exception("decoding step failed; failing its %d jobs", len(self.active))
+                for active in list(self.active):
+                    active.outcome.error = self._failure()
+                    self._leave(active, done)
 
     # -- joining ------------------------------------------------------------------------------------
 
@@ -274,7 +283,7 @@ class DecodeEngine(Florence2Engine):
             return
         device = self.decoder.device
         if self.static_shapes:  # every row, the whole cache
-            count, span, source_span = self.options.rows, None, None
+            count, span, source_span = self.capacity, None, None
         else:
             count = max(max(active.rows) for active in self.active) + 1
             span = max(active.search.length for active in self.active)
