@@ -33,12 +33,11 @@ from .errors import ServiceError, internal, invalid, not_found, store_unavailabl
 from .events import BadEventId
 from .image_gate import ImageGate
 from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, UnknownJob, new_job_id, new_record
+from .more_tasks import more_task_request_id, more_task_specs
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
-# JobSpec.more_tasks: the most further tasks one Submit may ask for on its image.
-MAX_MORE_TASKS = 8
 
 
 class _Answered:
@@ -197,7 +196,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
         existing_id = await self._existing(request.job)
         if existing_id is None:
-            more = await self._more_tasks(request.job)
+            more = await more_task_specs(request.job, self._check)
             enqueued, _ = await self._submit(request.job, context, call_deadline=False)
             if enqueued.created:
                 more_ids = [(await self._submit(spec, context, call_deadline=False, image_checked=True))[0].job_id
@@ -208,41 +207,11 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         existing, _ = await self._get(existing_id)
         more_ids = []
         for index in range(len(request.job.more_tasks)):  # a retry: the jobs its first call created
-            found = await self.store.find_request(f"{request.job.request_id}.t{index + 1}")
+            found = await self.store.find_request(more_task_request_id(request.job.request_id, index))
             if found:
                 more_ids.append(found[0])
         return pb.SubmitResponse(job_id=existing_id, created=False, state=state_to_proto(existing.state),
                                  more_job_ids=more_ids)
-
-    async def _more_tasks(self, spec: pb.JobSpec) -> list[pb.JobSpec]:
-        """The job specs of JobSpec.more_tasks, every one checked (nothing is queued yet)."""
-        if not spec.more_tasks:
-            return []
-        if len(spec.more_tasks) > MAX_MORE_TASKS:
-            raise invalid("job.more_tasks", f"at most {MAX_MORE_TASKS} more tasks per job, got {len(spec.more_tasks)}")
-        if len(spec.request_id) > validation.MAX_REQUEST_ID - 3:
-            raise invalid("job.request_id", f"with more_tasks, request_id may have at most "
-                                            f"{validation.MAX_REQUEST_ID - 3} characters (each task's job adds '.tN')")
-        specs = []
-        for index, extra in enumerate(spec.more_tasks):
-            sibling = pb.JobSpec()
-            sibling.CopyFrom(spec)
-            sibling.ClearField("more_tasks")
-            sibling.task, sibling.text = extra.task, extra.text
-            if extra.HasField("region"):
-                sibling.region.CopyFrom(extra.region)
-            else:
-                sibling.ClearField("region")
-            sibling.request_id = f"{spec.request_id}.t{index + 1}" if spec.request_id else ""
-            try:
-                await self._check(sibling, image_checked=True)
-            except ServiceError as exc:
-                exc.violations = [(name.replace("job.", f"job.more_tasks[{index}].", 1)
-                                   if name.split(".")[1] in ("task", "text", "region") else name, text)
-                                  for name, text in exc.violations]
-                raise
-            specs.append(sibling)
-        return specs
 
     @_guarded_stream
     async def Run(self, request: pb.RunRequest, context):

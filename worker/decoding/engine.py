@@ -184,7 +184,7 @@ class DecodeEngine(Florence2Engine):
             self._load_rows(rows, request, states[index:index + 1, :source_length], masks[index:index + 1, :source_length])
             max_length = 1 + request.generation.max_new_tokens
             search = (BeamSearch(beams, max_length, self.specials, self.decoder.device) if beams > 1
-                      else GreedySearch(max_length, self.specials, self.decoder.device))
+                      else GreedySearch(max_length, self.specials))
             self.active.append(Active(request, outcome, rows, torch.tensor(rows, device=self.decoder.device),
                                       source_length, search, started, preprocess_ms))
 
@@ -307,16 +307,15 @@ class DecodeEngine(Florence2Engine):
         greedy = [a for a in self.active if isinstance(a.search, GreedySearch)]
         chosen = greedy_choice.tolist() if greedy else []
         finished = []
-        moves_from, moves_to, new_tokens, new_rows = [], [], [], []
+        new_tokens, new_rows = [], []
         beam_steps = []
         for active in self.active:
             active.steps += 1
             if isinstance(active.search, GreedySearch):
                 row = active.rows[0]
-                _, token, is_done = active.search.advance(None, chosen[row])
                 new_rows.append(row)
-                new_tokens.append(token[0])
-                if is_done:
+                new_tokens.append(chosen[row])
+                if active.search.advance(chosen[row]):
                     finished.append(active)
             else:
                 parents, beam_done = active.search.advance(scores[active.row_index])

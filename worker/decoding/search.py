@@ -19,7 +19,7 @@ FAR = -1.0e9  # transformers' "very large negative" score
 class GreedySearch:
     beams = 1
 
-    def __init__(self, max_length: int, specials: Specials, device):
+    def __init__(self, max_length: int, specials: Specials):
         self.max_length, self.specials = max_length, specials
         self.tokens = [specials.start]
 
@@ -27,11 +27,10 @@ class GreedySearch:
     def length(self) -> int:
         return len(self.tokens)
 
-    def advance(self, scores: torch.Tensor, chosen: int) -> tuple[list[int], list[int], bool]:
-        """(parent row per running row, next token per running row, finished)."""
+    def advance(self, chosen: int) -> bool:
+        """Append the step's argmax token; whether the request is done (EOS, or its length reached)."""
         self.tokens.append(chosen)
-        done = chosen == self.specials.eos or len(self.tokens) >= self.max_length
-        return [0], [chosen], done
+        return chosen == self.specials.eos or len(self.tokens) >= self.max_length
 
     def output(self) -> list[int]:
         return self.tokens
