@@ -139,7 +139,7 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
               help="Florence-2 decoding: decode (iteration-level batching on a static KV cache), generate "
                    "(transformers' generate per batch); auto: decode for native models.")
 @click.option("--compile/--no-compile", "compile_step", default=None,
-              help="torch.compile the decode step (CUDA graphs on a GPU); default on with CUDA, off on CPU.")
+              help="torch.compile the decode step (CUDA graphs on a GPU; dynamic shapes on CPU). Default off.")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
            job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache,
            engine, compile_step):
@@ -239,7 +239,7 @@ def serve(redis_url, **options):
 @click.option("--engine", type=click.Choice(["auto", "decode", "generate"]), default=None,
               help="Workers' Florence-2 decoding (default auto: the decode engine for native models).")
 @click.option("--compile/--no-compile", "compile_step", default=None,
-              help="torch.compile the workers' decode step (default on with CUDA, off on CPU).")
+              help="torch.compile the workers' decode step (default off).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL) instead of starting an embedded one.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FLORENCE2_DATA_DIR",

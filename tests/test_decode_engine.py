@@ -243,3 +243,18 @@ def test_a_failing_step_fails_its_jobs_and_the_engine_goes_on(engines):
     assert first.error.reason == "INFERENCE_FAILED" and not fast.active and len(fast.free) == fast.decoder.rows
     again = fast.run_batch([InferenceRequest(lesson_images()[0], Task.OD, generation=settings)])[0]
     assert again.error is None and again.result.generated_tokens > 0
+
+
+def test_a_failed_compilation_falls_back_to_the_eager_step(tiny_loaded):
+    fast = DecodeEngine(tiny_loaded, DecodeOptions(rows=8, compile=True))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor: C++ compile error (simulated)")
+
+    fast.step_fn = broken
+    with pytest.raises(RuntimeError, match="warm-up batch failed"):
+        fast.warm_up((1,))
+    fast.use_eager()
+    outcome = fast.run_batch([InferenceRequest(lesson_images()[0], Task.OD,
+                                               generation=GenerationSettings(num_beams=1, max_new_tokens=8))])[0]
+    assert outcome.error is None and outcome.result.generated_tokens > 0

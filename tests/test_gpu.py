@@ -32,3 +32,30 @@ def test_broken_flash_attn_wheel_on_real_cuda(tmp_path, remote_code_dir):
     assert without.returncode != 0 and "undefined symbol" in without.stderr
     with_shim = run_python(code.format(use_shim=True, path=str(remote_code_dir)), PYTHONPATH=site)
     assert with_shim.returncode == 0, with_shim.stderr[-3000:]
+
+
+def test_decode_engine_on_cuda_eager_and_compiled_give_generates_tokens(tiny_model_dir):
+    """The decode engine on a GPU, eager and with --compile (static shapes, CUDA graphs): the tokens of
+    transformers' generate, greedy and beams 3, batch 1 and 8. What `--compile`'s CUDA default waits on."""
+    from florence2_serve.common.generation import GenerationSettings
+    from florence2_serve.common.tasks import Task
+    from florence2_serve.worker.decoding.engine import DecodeEngine, DecodeOptions
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.inference import InferenceRequest
+    from florence2_serve.worker.loader import LoadOptions, load_model
+    from florence2_serve.worker.model_builder import lesson_images
+
+    loaded = load_model(str(tiny_model_dir), LoadOptions(device="cuda"))
+    plain = Florence2Engine(loaded)
+    compiled = DecodeEngine(loaded, DecodeOptions(rows=24, compile=True))
+    compiled.warm_up((1, 8))
+    engines = [DecodeEngine(loaded, DecodeOptions(rows=24)), compiled]
+    for beams in (1, 3):
+        settings = GenerationSettings(num_beams=beams, max_new_tokens=40)
+        requests = [(image, task) for image in lesson_images() for task in (Task.OD, Task.CAPTION, Task.OCR)][:8]
+        for size in (1, 8):
+            def batch():
+                return [InferenceRequest(image, task, generation=settings) for image, task in requests[:size]]
+            expected = [o.result.raw_text for o in plain.run_batch(batch())]
+            for engine in engines:
+                assert [o.result.raw_text for o in engine.run_batch(batch())] == expected, (beams, size)

@@ -134,8 +134,12 @@ def run_worker(settings: WorkerSettings) -> int:
         return 2
     if getattr(engine, "options", None) is not None and engine.options.compile:
         # Compile (and capture CUDA graphs) before registering: the first job must not pay for it.
-        log.info("compiling the decode step (%d rows) ...", engine.options.rows)
-        log.info("decode step compiled and warmed up in %.1fs", engine.warm_up((1, settings.batch_size)))
+        log.info("compiling the decode step (%d rows) ...", engine.capacity)
+        try:
+            log.info("decode step compiled and warmed up in %.1fs", engine.warm_up((1, settings.batch_size)))
+        except Exception:  # noqa: BLE001 - a compiler failure costs speed, not the worker
+            log.exception("compiling the decode step failed; decoding without compiling")
+            engine.use_eager()
     if not _serve_metrics(settings, loaded):
         return 4
     tokenizer_digest = ""

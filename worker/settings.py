@@ -48,7 +48,7 @@ class WorkerSettings:
     # Florence-2 decoding: "decode" (iteration-level batching on a static KV cache, native models), "generate"
     # (transformers' generate per batch), "auto" (decode where it applies).
     engine: str = "auto"
-    # torch.compile the decode step (CUDA graphs on a GPU); None: on for CUDA, off on CPU.
+    # torch.compile the decode step (CUDA graphs on a GPU); None/False: off.
     compile: bool | None = None
     # Where Microsoft-format checkpoints converted on load are kept (None: ~/.cache/florence2-serve/converted).
     convert_cache: str | None = None

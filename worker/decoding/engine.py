@@ -362,6 +362,13 @@ class DecodeEngine(Florence2Engine):
         self.last_decoding_steps = active.steps
         done(active.outcome)
 
+    def use_eager(self) -> None:
+        """Decode without the compiled step (after a compiler failure); the caches keep their shapes."""
+        self.step_fn = self.decoder
+        self.active.clear()
+        self.free = list(range(self.decoder.rows))
+        self.beam_rows[:] = False
+
     def warm_up(self, batch_sizes: tuple[int, ...]) -> float:
         """Compile (or just run) the step for the given numbers of simultaneous requests; seconds taken."""
         started = time.perf_counter()
@@ -372,6 +379,8 @@ class DecodeEngine(Florence2Engine):
         image = Image.new("RGB", (64, 64), (127, 127, 127))
         for size in batch_sizes:
             settings = GenerationSettings(num_beams=1, max_new_tokens=2)
-            self.run_batch([InferenceRequest(image, Task.CAPTION, generation=settings) for _ in range(size)])
+            outcomes = self.run_batch([InferenceRequest(image, Task.CAPTION, generation=settings) for _ in range(size)])
+            if any(outcome.error is not None for outcome in outcomes):
+                raise RuntimeError("the warm-up batch failed (the worker's log has the step's error)")
         self.images.clear()
         return time.perf_counter() - started
