@@ -180,7 +180,7 @@ class DecodeEngine(Florence2Engine):
             beams = request.generation.num_beams
             self.free.sort()
             rows, self.free = self.free[:beams], self.free[beams:]  # the lowest rows: the step runs a prefix
-            source_length = int(masks[index].sum()) if masks.shape[0] > 1 else masks.shape[1]
+            source_length = int(masks[index].nonzero().max()) + 1  # through the last real token, whichever side pads
             self._load_rows(rows, request, states[index:index + 1, :source_length], masks[index:index + 1, :source_length])
             max_length = 1 + request.generation.max_new_tokens
             search = (BeamSearch(beams, max_length, self.specials, self.decoder.device) if beams > 1
