@@ -13,7 +13,7 @@ from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .core import ClientCore, DetectOutcome, DetectRunBase, RunState, task_request
+from .core import ClientCore, DetectOutcome, DetectRunBase, RunState
 from .errors import Florence2Error, RpcError
 from .image_input import ImageInput
 
@@ -107,10 +107,7 @@ class AsyncFlorence2Client(ClientCore):
     async def detect_tasks(self, image: ImageInput, model: str, tasks: list, timeout: float | None = None,
                            **options) -> list[pb.Result]:
         """As Florence2Client.detect_tasks: one Submit, one job per task, results in the order of `tasks`."""
-        first, *rest = tasks
-        task, text, region = task_request(first)
-        submitted = await self.submit(self.spec(image, model, task, text=text, region=region, more_tasks=rest,
-                                                **options), timeout)
+        submitted = await self.submit(self.tasks_spec(image, model, tasks, **options), timeout)
         return list(await asyncio.gather(*(self.wait(job_id, timeout)
                                            for job_id in (submitted.job_id, *submitted.more_job_ids))))
 

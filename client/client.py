@@ -17,7 +17,7 @@ from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .core import ClientCore, DetectOutcome, DetectRunBase, RunState, task_request
+from .core import ClientCore, DetectOutcome, DetectRunBase, RunState
 from .errors import Florence2Error, RpcError
 from .image_input import ImageInput
 
@@ -127,10 +127,7 @@ class Florence2Client(ClientCore):
         """Several tasks on one image (each a Task, its name, or a (task, text[, region]) tuple): one
         Submit, one job per task, the image encoded once on the worker. Results in the order of `tasks`;
         JobFailed if one of them fails."""
-        first, *rest = tasks
-        task, text, region = task_request(first)
-        spec = self.spec(image, model, task, text=text, region=region, more_tasks=rest, **options)
-        submitted = self.submit(spec, timeout)
+        submitted = self.submit(self.tasks_spec(image, model, tasks, **options), timeout)
         return [self.wait(job_id, timeout) for job_id in (submitted.job_id, *submitted.more_job_ids)]
 
     def wait(self, job_id: str, timeout: float | None = None) -> pb.Result:

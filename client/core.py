@@ -96,6 +96,12 @@ class ClientCore:
     def spec(self, image: ImageInput, model: str, task: Task | str = Task.OD, **options) -> pb.JobSpec:
         return job_spec(image, model, task, **options)
 
+    def tasks_spec(self, image: ImageInput, model: str, tasks: list, **options) -> pb.JobSpec:
+        """One JobSpec for several tasks on `image`: the first is the job's task, the rest its more_tasks."""
+        first, *rest = tasks
+        task, text, region = task_request(first)
+        return self.spec(image, model, task, text=text, region=region, more_tasks=rest, **options)
+
 
 class RunState:
     """One job's events as a client follows them: where to resume after an outage, and the outcome."""

@@ -286,11 +286,14 @@ def _processor(directory: Path, config_json: dict):
         stride *= step
     image_processor.image_seq_length = (height // stride) ** 2 + 1  # the spatial grid plus the pooled token
     with _quiet_transformers():  # AutoTokenizer reads config.json and warns that it is not a tokenizer's
-        probe = AutoTokenizer.from_pretrained(directory)
-        placeholder = probe.mask_token
+        # BART's mask token is "<mask>": one load declares it the image placeholder; a tokenizer whose mask
+        # token is another string is loaded again with that one.
+        tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens={"image_token": "<mask>"})
+        placeholder = tokenizer.mask_token
         if not placeholder:
             raise ConversionError("the tokenizer has no <mask> token to stand for the image features")
-        tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens={"image_token": placeholder})
+        if placeholder != "<mask>":
+            tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens={"image_token": placeholder})
     return Florence2Processor(image_processor=image_processor, tokenizer=tokenizer), tokenizer
 
 

@@ -91,12 +91,15 @@ def cached_conversion(source_dir: Path, root: Path) -> Path | None:
     return target if (target / RECORD).is_file() else None
 
 
-def hub_snapshot(repo_id: str, revision: str | None, offline: bool) -> Path:
-    """A local directory with a hub checkpoint's config, tokenizer, preprocessor and weights."""
+def checkpoint_dir(source, revision: str | None) -> Path:
+    """A local directory with the checkpoint's config, tokenizer, preprocessor and weights: the directory
+    itself, or a hub snapshot of those files (from the local cache only when the hub is unreachable)."""
+    if source.local:
+        return Path(source.path_or_id)
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
-                                  local_files_only=offline))
+    return Path(snapshot_download(source.path_or_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                  local_files_only=source.offline))
 
 
 def convert_source(source: str, destination: Path, revision: str | None = None):
@@ -108,8 +111,7 @@ def convert_source(source: str, destination: Path, revision: str | None = None):
     except SourceError as exc:
         raise ConversionError(str(exc)) from None
     try:
-        directory = (Path(resolved.path_or_id) if resolved.local
-                     else hub_snapshot(resolved.path_or_id, revision, resolved.offline))
+        directory = checkpoint_dir(resolved, revision)
     except Exception as exc:  # noqa: BLE001 - hub errors of every kind end here
         where = "the hub is unreachable and it is not in the local cache" if resolved.offline else str(exc)
         raise ConversionError(f"could not fetch {source} ({where})") from None

@@ -264,15 +264,11 @@ def inspect_checkpoint(path_or_id: str, options: LoadOptions = LoadOptions()) ->
 
 def _native_copy(source: ModelSource, options: LoadOptions) -> Path:
     """The converted native copy of a Microsoft-format checkpoint (converting it now if needed)."""
-    from .conversion_cache import cache_root, ensure_converted, hub_snapshot
+    from .conversion_cache import cache_root, checkpoint_dir, ensure_converted
 
     try:
-        directory = (Path(source.path_or_id) if source.local
-                     else hub_snapshot(source.path_or_id, options.revision, source.offline))
-        cached = ensure_converted(directory, cache_root(options.convert_cache))
-    except ConversionError as exc:
-        raise ModelLoadError(f"cannot convert Microsoft-format checkpoint {source.path_or_id}: {exc}") from None
-    except OSError as exc:
+        cached = ensure_converted(checkpoint_dir(source, options.revision), cache_root(options.convert_cache))
+    except (ConversionError, OSError) as exc:
         raise ModelLoadError(f"cannot convert Microsoft-format checkpoint {source.path_or_id}: {exc}") from exc
     if cached.converted_now:
         log.info("converted Microsoft-format checkpoint %s to native Florence-2 in %.1fs (cached at %s)",

@@ -207,7 +207,7 @@ class DecodeEngine(Florence2Engine):
         return states, mask
 
     def _image_features(self, requests: list[InferenceRequest]) -> torch.Tensor:
-        keys = [getattr(r, "image_key", None) or f"id:{id(r)}" for r in requests]
+        keys = [r.image_key or f"id:{id(r)}" for r in requests]
         first_of = {}
         for i, key in enumerate(keys):
             if key not in self.images:
@@ -304,8 +304,7 @@ class DecodeEngine(Florence2Engine):
                              bos_due=any(a.search.length == 1 for a in active),
                              eos_due=any(a.search.length == a.request.generation.max_new_tokens for a in active))
             greedy_choice = scores.argmax(dim=-1)
-        greedy = [a for a in self.active if isinstance(a.search, GreedySearch)]
-        chosen = greedy_choice.tolist() if greedy else []
+        chosen = greedy_choice.tolist() if any(a.search.beams == 1 for a in self.active) else []
         finished = []
         new_tokens, new_rows = [], []
         beam_steps = []
