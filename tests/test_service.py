@@ -276,8 +276,12 @@ def test_sigterm_finishes_the_batch_in_hand(service, tmp_path):
     client = service.client
     ids = [client.submit(job_spec(service.car_jpeg, "term", Task.OD, **LONG)).job_id for _ in range(2)]
     wait_for(lambda: all("STARTED" in _events_so_far(service, i) for i in ids), message="batch start")
+    worker.process.send_signal(signal.SIGTERM)
+    # A job submitted before the signal may rightly join the running decode; one submitted after the
+    # worker has heard it must be taken by no one.
+    wait_for(lambda: "taking no more" in worker.log(), message="the worker to hear SIGTERM")
     later = client.submit(job_spec(service.car_jpeg, "term", Task.OD)).job_id
-    assert worker.stop(signal.SIGTERM, timeout=60) == 0
+    assert worker.wait(timeout=60) == 0
     for job_id in ids:
         assert types_of(list(client.watch(job_id)))[-1] == "DONE"
     assert client.get_job(later).state == pb.JOB_STATE_QUEUED  # taken by no one
