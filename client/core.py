@@ -41,16 +41,19 @@ def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: st
         cancel_on_disconnect=cancel_on_disconnect,
     )
     if region is not None:
-        spec.region.CopyFrom(pb.Region(x1=region[0], y1=region[1], x2=region[2], y2=region[3]))
+        spec.region.CopyFrom(_region(region))
     if timeout_s is not None:
         spec.timeout.FromMilliseconds(int(timeout_s * 1000))
     for item in more_tasks:
         extra_task, extra_text, extra_region = task_request(item)
         extra = spec.more_tasks.add(task=task_to_proto(extra_task), text=extra_text)
         if extra_region is not None:
-            extra.region.CopyFrom(pb.Region(x1=extra_region[0], y1=extra_region[1], x2=extra_region[2],
-                                            y2=extra_region[3]))
+            extra.region.CopyFrom(_region(extra_region))
     return spec
+
+
+def _region(region: tuple[float, float, float, float]) -> pb.Region:
+    return pb.Region(x1=region[0], y1=region[1], x2=region[2], y2=region[3])
 
 
 def task_request(item) -> tuple[Task, str, tuple | None]:
@@ -98,6 +101,8 @@ class ClientCore:
 
     def tasks_spec(self, image: ImageInput, model: str, tasks: list, **options) -> pb.JobSpec:
         """One JobSpec for several tasks on `image`: the first is the job's task, the rest its more_tasks."""
+        if not tasks:
+            raise ValueError("tasks must name at least one task")
         first, *rest = tasks
         task, text, region = task_request(first)
         return self.spec(image, model, task, text=text, region=region, more_tasks=rest, **options)

@@ -19,9 +19,11 @@ def more_task_request_id(request_id: str, index: int) -> str:
     return f"{request_id}.t{index + 1}" if request_id else ""
 
 
-async def more_task_specs(spec: pb.JobSpec, check: Callable[..., Awaitable]) -> list[pb.JobSpec]:
-    """The JobSpec of each of `spec.more_tasks`: this job's with the task, text and region replaced, each
-    passed through `check(spec, image_checked=True)`; a refusal names its field as job.more_tasks[i].*."""
+async def more_task_specs(spec: pb.JobSpec, check: Callable[..., Awaitable[tuple]]
+                          ) -> list[tuple[pb.JobSpec, validation.CheckedSpec]]:
+    """(JobSpec, CheckedSpec) of each of `spec.more_tasks`: this job's spec with the task, text and region
+    replaced, passed through `check(spec, image_checked=True)` -> (CheckedSpec, ...), so that it is queued
+    without being checked again; a refusal names its field as job.more_tasks[i].*."""
     if not spec.more_tasks:
         return []
     if len(spec.more_tasks) > MAX_MORE_TASKS:
@@ -41,11 +43,11 @@ async def more_task_specs(spec: pb.JobSpec, check: Callable[..., Awaitable]) -> 
             sibling.ClearField("region")
         sibling.request_id = more_task_request_id(spec.request_id, index)
         try:
-            await check(sibling, image_checked=True)
+            checked, _ = await check(sibling, image_checked=True)
         except ServiceError as exc:
             exc.violations = [(_field_of(name, index), text) for name, text in exc.violations]
             raise
-        specs.append(sibling)
+        specs.append((sibling, checked))
     return specs
 
 

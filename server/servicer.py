@@ -39,7 +39,6 @@ from .settings import ServerSettings
 log = logging.getLogger(__name__)
 
 
-
 class _Answered:
     """Counts an RPC in florence2_requests_total and times it (florence2_request_duration_seconds)."""
 
@@ -166,9 +165,11 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         return checked, model
 
     async def _submit(self, spec: pb.JobSpec, context, call_deadline: bool, job_id: str | None = None,
-                      image_checked: bool = False):
-        """Validate and enqueue: the rq_bridge.Enqueued outcome and the record."""
-        checked, _ = await self._check(spec, image_checked)
+                      checked: validation.CheckedSpec | None = None):
+        """Validate (unless `checked` already holds what _check found) and enqueue: the rq_bridge.Enqueued
+        outcome and the record."""
+        if checked is None:
+            checked, _ = await self._check(spec)
         now = time.time()
         deadlines = [now + checked.timeout_s] if checked.timeout_s else []
         remaining = context.time_remaining() if call_deadline else None
@@ -199,8 +200,8 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
             more = await more_task_specs(request.job, self._check)
             enqueued, _ = await self._submit(request.job, context, call_deadline=False)
             if enqueued.created:
-                more_ids = [(await self._submit(spec, context, call_deadline=False, image_checked=True))[0].job_id
-                            for spec in more]
+                more_ids = [(await self._submit(spec, context, call_deadline=False, checked=checked))[0].job_id
+                            for spec, checked in more]
                 return pb.SubmitResponse(job_id=enqueued.job_id, created=True, state=pb.JOB_STATE_QUEUED,
                                          more_job_ids=more_ids)
             existing_id = enqueued.job_id

@@ -62,6 +62,19 @@ def test_every_kind_of_image_input_encodes_losslessly(tmp_path):
             image_bytes(bad)
 
 
+def test_several_tasks_make_one_spec_with_their_texts_and_regions():
+    client = Florence2Client("127.0.0.1:1")
+    spec = client.tasks_spec(b"img", "m", [("CAPTION_TO_PHRASE_GROUNDING", "a car"), "OD",
+                                           ("REGION_TO_DESCRIPTION", "", (1, 2, 3, 4))], request_id="r")
+    assert spec.task == pb.TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING and spec.text == "a car" and not spec.HasField("region")
+    assert [(t.task, t.text, t.HasField("region")) for t in spec.more_tasks] == [
+        (pb.TASK_TYPE_OD, "", False), (pb.TASK_TYPE_REGION_TO_DESCRIPTION, "", True)]
+    assert (spec.more_tasks[1].region.x1, spec.more_tasks[1].region.y2) == (1, 4)
+    with pytest.raises(ValueError, match="at least one task"):
+        client.tasks_spec(b"img", "m", [])
+    client.close()
+
+
 def test_retry_policy_backs_off_honours_retry_info_and_gives_up():
     policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.1, max_backoff_s=0.3, max_elapsed_s=30)
     attempts = Attempts(policy)

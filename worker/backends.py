@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 
-from florence2_serve.common.generation import MAX_NUM_BEAMS
-
 from .inference import Engine
 from .loader import LoadedModel
 
 log = logging.getLogger(__name__)
 
 
-def create_engine(loaded: LoadedModel, engine: str = "auto", batch_size: int = 8, compile: bool | None = None) -> Engine:
+def create_engine(loaded: LoadedModel, engine: str = "auto", batch_size: int = 8, compile: bool = False) -> Engine:
     """engine: auto (the decode engine for native Florence-2), decode, or generate (transformers' generate)."""
     if loaded.kind == "yolo":
         from .yolo import YoloEngine
@@ -27,12 +25,10 @@ def create_engine(loaded: LoadedModel, engine: str = "auto", batch_size: int = 8
     if engine in ("auto", "decode") and loaded.kind == "native":
         from .decoding.engine import DecodeEngine, DecodeOptions
 
-        # Off unless asked for: the compiled CUDA path (static shapes, CUDA graphs) has not yet run on a GPU
-        # here (tests/test_gpu.py holds its check); it is to become the CUDA default once that passes.
-        use_compile = bool(compile)
-        # Room for batch_size requests of 3 beams, and for the widest beam search a request may ask.
-        rows = max(3 * batch_size, MAX_NUM_BEAMS)
-        return DecodeEngine(loaded, DecodeOptions(rows=rows, compile=use_compile))
+        # compile is off unless asked for: the compiled CUDA path (static shapes, CUDA graphs) has not yet run
+        # on a GPU here (tests/test_gpu.py holds its check); it is to become the CUDA default once that passes.
+        # Rows for batch_size requests of 3 beams (the engine adds room for the widest beam search).
+        return DecodeEngine(loaded, DecodeOptions(rows=3 * batch_size, compile=compile))
     from .engine import Florence2Engine
 
     return Florence2Engine(loaded)

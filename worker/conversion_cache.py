@@ -63,13 +63,13 @@ def ensure_converted(source_dir: Path, root: Path) -> CachedConversion:
 
     started = time.perf_counter()
     digest = checkpoint_digest(source_dir)
-    key = digest[:32]
-    target = root / key
-    if (target / RECORD).is_file():
+    target = _entry(root, digest)
+    if _complete(target):
         return CachedConversion(target, digest, False, time.perf_counter() - started)
     root.mkdir(parents=True, exist_ok=True)
+    key = target.name
     with FileLock(str(root / f"{key}.lock")):
-        if (target / RECORD).is_file():  # another worker finished it while we waited
+        if _complete(target):  # another worker finished it while we waited
             return CachedConversion(target, digest, False, time.perf_counter() - started)
         staging = root / f".{key}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
@@ -87,8 +87,18 @@ def ensure_converted(source_dir: Path, root: Path) -> CachedConversion:
 
 def cached_conversion(source_dir: Path, root: Path) -> Path | None:
     """The existing native copy of `source_dir`, if any (nothing is converted)."""
-    target = root / checkpoint_digest(source_dir)[:32]
-    return target if (target / RECORD).is_file() else None
+    target = _entry(root, checkpoint_digest(source_dir))
+    return target if _complete(target) else None
+
+
+def _entry(root: Path, digest: str) -> Path:
+    """Where the conversion of the checkpoint with this digest lives."""
+    return root / digest[:32]
+
+
+def _complete(target: Path) -> bool:
+    """A conversion is complete once its record is written (the last file, inside the renamed directory)."""
+    return (target / RECORD).is_file()
 
 
 def checkpoint_dir(source, revision: str | None) -> Path:

@@ -196,7 +196,7 @@ def load_model(path_or_id: str, options: LoadOptions = LoadOptions()) -> LoadedM
     source_format = checkpoint_format(config)
     kind = options.kind
     load_from, local_only, converted = path_or_id, source.offline, False
-    if source_format == FORMAT_MICROSOFT and kind in ("auto", "native") and can_run("native")[0]:
+    if _converts_on_load(source_format, kind):
         kind, converted = "native", True
         load_from, local_only = str(_native_copy(source, options)), True
     elif kind == "auto":
@@ -246,7 +246,7 @@ def inspect_checkpoint(path_or_id: str, options: LoadOptions = LoadOptions()) ->
     except SourceError as exc:
         raise ModelLoadError(str(exc)) from None
     found = checkpoint_format(_read_config(source, options.revision))
-    if found == FORMAT_MICROSOFT and options.kind in ("auto", "native") and can_run("native")[0]:
+    if _converts_on_load(found, options.kind):
         from .conversion_cache import cache_root, cached_conversion
 
         cached = cached_conversion(Path(source.path_or_id), cache_root(options.convert_cache)) if source.local else None
@@ -260,6 +260,11 @@ def inspect_checkpoint(path_or_id: str, options: LoadOptions = LoadOptions()) ->
         ok, advice = can_run(kind)
         plan = f"run by its own code (--kind {kind})" + ("" if ok else f"; cannot here: {advice}")
     return {"format": found, "plan": plan}
+
+
+def _converts_on_load(source_format: str, kind: str) -> bool:
+    """Whether load_model serves a checkpoint of this format, asked for as `kind`, from a native conversion."""
+    return source_format == FORMAT_MICROSOFT and kind in ("auto", "native") and can_run("native")[0]
 
 
 def _native_copy(source: ModelSource, options: LoadOptions) -> Path:

@@ -48,8 +48,8 @@ class WorkerSettings:
     # Florence-2 decoding: "decode" (iteration-level batching on a static KV cache, native models), "generate"
     # (transformers' generate per batch), "auto" (decode where it applies).
     engine: str = "auto"
-    # torch.compile the decode step (CUDA graphs on a GPU); None/False: off.
-    compile: bool | None = None
+    # torch.compile the decode step (CUDA graphs on a GPU).
+    compile: bool = False
     # Where Microsoft-format checkpoints converted on load are kept (None: ~/.cache/florence2-serve/converted).
     convert_cache: str | None = None
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from PIL import Image
 
-from florence2_serve.common.generation import MAX_NUM_BEAMS
+from florence2_serve.common.generation import MAX_NUM_BEAMS, GenerationSettings
+from florence2_serve.common.tasks import Task
 
 from ..engine import Florence2Engine
 from ..inference import InferenceOutcome, InferenceRequest
@@ -51,7 +53,6 @@ class DecodeOptions:
     rows: int = 24
     compile: bool = False
     image_cache: int = IMAGE_CACHE_SIZE
-    warm_batches: tuple[int, ...] = field(default_factory=tuple)
 
 
 class DecodeEngine(Florence2Engine):
@@ -76,7 +77,7 @@ class DecodeEngine(Florence2Engine):
         if self.static_shapes:
             rows, length, source = self.capacity, self.max_len, self.full_source
         else:  # grown on demand (decoder.reserve): memory follows the jobs met so far
-            rows, length, source = min(self.options.rows, 4), 64, self.image_tokens + 64
+            rows, length, source = min(self.capacity, 4), 64, self.image_tokens + 64
         self.decoder = StaticDecoder(model, rows, length, source).eval()
         device = self.decoder.device
         self.vocab = model.config.text_config.vocab_size
@@ -371,10 +372,6 @@ class DecodeEngine(Florence2Engine):
     def warm_up(self, batch_sizes: tuple[int, ...]) -> float:
         """Compile (or just run) the step for the given numbers of simultaneous requests; seconds taken."""
         started = time.perf_counter()
-        from florence2_serve.common.generation import GenerationSettings
-        from florence2_serve.common.tasks import Task
-        from PIL import Image
-
         image = Image.new("RGB", (64, 64), (127, 127, 127))
         for size in batch_sizes:
             settings = GenerationSettings(num_beams=1, max_new_tokens=2)

@@ -93,7 +93,7 @@ class BeamSearch:
 
     def _merge_finished(self, candidates, top_scores, just_finished, cur: int) -> None:
         """Keep the best `beams` of the finished beams and the candidates that just finished."""
-        scores = top_scores / ((cur + 1 - 1) ** self.specials.length_penalty)
+        scores = top_scores / (cur ** self.specials.length_penalty)  # cur tokens generated, the start excluded
         full = self.is_finished.all() & (self.specials.early_stopping is True)
         scores = scores + full.float() * FAR + (~self.improvable).float() * FAR + (~just_finished).float() * FAR
         merged_scores = torch.cat((self.finished_scores, scores))
