@@ -140,9 +140,12 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
                    "(transformers' generate per batch); auto: decode for native models.")
 @click.option("--compile/--no-compile", "compile_step", default=None,
               help="torch.compile the decode step (CUDA graphs on a GPU; dynamic shapes on CPU). Default off.")
+@click.option("--image-backend", type=click.Choice(["auto", "pil", "torchvision"]), default=None,
+              help="How images become pixels: auto (PIL for converted Microsoft-format checkpoints, bit-equal to "
+                   "their reference; transformers' default otherwise), pil or torchvision.")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
            job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache,
-           engine, compile_step):
+           engine, compile_step, image_backend):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
 
     SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
@@ -155,7 +158,7 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
             batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
             job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s,
             exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host,
-            convert_cache=convert_cache, engine=engine, compile=compile_step)
+            convert_cache=convert_cache, engine=engine, compile=compile_step, image_backend=image_backend)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker
@@ -240,6 +243,8 @@ def serve(redis_url, **options):
               help="Workers' Florence-2 decoding (default auto: the decode engine for native models).")
 @click.option("--compile/--no-compile", "compile_step", default=None,
               help="torch.compile the workers' decode step (default off).")
+@click.option("--image-backend", type=click.Choice(["auto", "pil", "torchvision"]), default=None,
+              help="Workers' image preprocessing (default auto: PIL for converted Microsoft-format checkpoints).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL) instead of starting an embedded one.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FLORENCE2_DATA_DIR",
@@ -249,8 +254,8 @@ def serve(redis_url, **options):
 @click.option("--dashboard", is_flag=True,
               help="Also run rq-dashboard on the queues, at 127.0.0.1:9181 (needs the dashboard extra).")
 @_server_options
-def up(models, workers, device, dtype, attention, batch_size, kind, engine, compile_step, redis_url, data_dir,
-       in_memory, dashboard, address, **server_options):
+def up(models, workers, device, dtype, attention, batch_size, kind, engine, compile_step, image_backend, redis_url,
+       data_dir, in_memory, dashboard, address, **server_options):
     """Everything on one machine: Redis (embedded unless --redis-url), front end, N workers per model.
 
     Ctrl-C or SIGTERM: workers finish their jobs, then the front end stops, then Redis; a second
@@ -264,7 +269,7 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
     worker_args = []
     for flag, value in (("--device", device), ("--dtype", dtype), ("--attention", attention),
                         ("--batch-size", batch_size), ("--kind", kind), ("--engine", engine),
-                        ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
+                        ("--image-backend", image_backend), ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
         if value is not None:
             worker_args += [flag, str(value)]
     if compile_step is not None:

@@ -4,7 +4,8 @@ teacher-forced logits, per image and task, plus one padded batch.
 Run as a script (`python florence2_outputs.py CHECKPOINT OUT.pt`) it loads a Microsoft-format checkpoint
 with its own code (trust_remote_code, on whatever transformers PYTHONPATH gives: the legacy line in CI)
 and saves inputs and outputs with torch.save (tensors and lists only); `replay` runs a native model on
-the same inputs.
+the same inputs. With `--texts CASES.json` it instead answers each case as a user of Microsoft's code
+does (processor -> generate -> `batch_decode(skip_special_tokens=False)`) and saves the raw texts.
 """
 
 from __future__ import annotations
@@ -28,14 +29,33 @@ def images():
 
 
 def load(path: str):
+    import transformers
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     from florence2_serve.worker import flash_attn_shim
 
     flash_attn_shim.install()
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation="eager")
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
+    # The reference resizes with PIL, as transformers < 4.50 does (5 defaults to torchvision).
+    pil = {"backend": "pil"} if int(transformers.__version__.split(".")[0]) >= 5 else {}
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=True, **pil)
     return model.float().eval(), processor
+
+
+def texts(model, processor, cases: list[dict]) -> list[dict]:
+    """Each case ({"image", "prompt", "new_tokens"}: an image index, a task token with its input) answered
+    with Microsoft's recipe: 3 beams, no sampling, the checkpoint's other generation defaults."""
+    import torch
+
+    answers = []
+    with torch.inference_mode():
+        for case in cases:
+            inputs = processor(text=case["prompt"], images=images()[case["image"]], return_tensors="pt")
+            generated = model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                                       max_new_tokens=case["new_tokens"], num_beams=3, do_sample=False)
+            raw = processor.batch_decode(generated, skip_special_tokens=False)[0]
+            answers.append({**case, "raw_text": raw, "pixel_values": inputs["pixel_values"]})
+    return answers
 
 
 def outputs(model, processor) -> dict:
@@ -79,12 +99,18 @@ def _run(model, inputs) -> dict:
     return {"greedy": greedy.tolist(), "beams": beams.tolist(), "logits": logits}
 
 
-def main(path: str, out: str) -> None:
+def main(path: str, out: str, cases_path: str | None = None) -> None:
+    import json
+
     import torch
 
     model, processor = load(path)
-    torch.save(outputs(model, processor), out)
+    if cases_path:
+        with open(cases_path) as handle:
+            torch.save(texts(model, processor, json.load(handle)), out)
+    else:
+        torch.save(outputs(model, processor), out)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(sys.argv[1], sys.argv[2], sys.argv[4] if sys.argv[3:4] == ["--texts"] else None)

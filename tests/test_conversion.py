@@ -259,6 +259,24 @@ def test_the_cache_converts_once_per_digest(remote_code_dir, tmp_path):
     assert not list(tmp_path.glob(".*.tmp")), "no staging directory is left behind"
 
 
+def test_a_conversion_made_by_another_converter_version_is_not_served(remote_code_dir, tmp_path):
+    """Entries of the converter before Florence-2's tokens were added (no version; another name) and of
+    any other version are converted again, never loaded."""
+    from florence2_serve.worker.conversion_cache import RECORD, cached_conversion
+
+    first = ensure_converted(remote_code_dir, tmp_path)
+    record = json.loads((first.path / RECORD).read_text())
+    assert record["version"] == 2 and record["task_tokens_added"] == 1024 and record["image_backend"] == "pil"
+    old = tmp_path / first.digest[:32]  # where the first converter kept it
+    shutil.copytree(first.path, old)
+    record["version"] = 1
+    (first.path / RECORD).write_text(json.dumps(record))
+    assert cached_conversion(remote_code_dir, tmp_path) is None
+    again = ensure_converted(remote_code_dir, tmp_path)
+    assert again.converted_now and again.path == first.path
+    assert json.loads((again.path / RECORD).read_text())["version"] == 2
+
+
 def test_two_workers_starting_together_convert_once(remote_code_dir, tmp_path):
     code = ("import sys; from pathlib import Path; from florence2_serve.worker.conversion_cache import "
             "ensure_converted; print(ensure_converted(Path(sys.argv[1]), Path(sys.argv[2])).converted_now)")

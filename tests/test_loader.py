@@ -151,6 +151,34 @@ def test_legacy_environment_loads_remote_code_and_generates(legacy_site, tmp_pat
     assert "LEGACY OK 4.4" in result.stdout
 
 
+def test_remote_code_load_that_leaves_weights_random_is_an_error(legacy_site, remote_code_dir, tmp_path):
+    """--kind remote: tensors missing from the checkpoint (left at their random initial values by the
+    model's code) are an error naming them, never a warning; the tied lm_head the fixture's safetensors
+    leave out is not one of them."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(remote_code_dir, broken)
+    state = load_file(broken / "model.safetensors")
+    assert "language_model.lm_head.weight" not in state  # tied: saved once, as the shared embedding
+    for key in ("image_proj_norm.weight", "language_model.model.decoder.layers.0.fc1.bias"):
+        del state[key]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    code = textwrap.dedent(f"""
+        from florence2_serve.worker.loader import LoadOptions, ModelLoadError, load_model
+        load_model({str(remote_code_dir)!r}, LoadOptions(kind="remote"))
+        try:
+            load_model({str(broken)!r}, LoadOptions(kind="remote"))
+        except ModelLoadError as exc:
+            print("REFUSED", exc)
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env=python_env(PYTHONPATH=legacy_site, HF_HUB_OFFLINE=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED" in result.stdout and "2 tensors are not in the checkpoint" in result.stdout, result.stdout
+    assert "image_proj_norm.weight" in result.stdout and "decoder.layers.0.fc1.bias" in result.stdout
+
+
 @pytest.mark.parametrize("size,millions", [("base", 231.5), ("large", 770.3)])
 def test_full_size_configs_match_florence2_parameter_counts(size, millions):
     """Florence-2-base has 0.23B parameters and -large 0.77B; built on the meta device (no memory)."""

@@ -34,11 +34,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .task_tokens import TokenLayoutError, complete_tokenizer
+
 log = logging.getLogger(__name__)
 
 FORMAT_NATIVE = "native"
 FORMAT_MICROSOFT = "microsoft"
 FORMAT_REMOTE = "remote"  # remote code that is not Microsoft's Florence-2 layout: runs on the legacy line only
+# What a conversion writes; a cached conversion made by another version is made again. 2: Florence-2's
+# tokens added as Microsoft's processor adds them, PIL preprocessing.
+CONVERSION_VERSION = 2
+# Written into every converted checkpoint: what made it and how its images are preprocessed.
+CONVERSION_RECORD = "florence2_conversion.json"
 
 SUPPORTED_FEATURE_SOURCE = ["spatial_avg_pool", "temporal_avg_pool"]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -83,11 +90,18 @@ class ConversionReport:
     tied_lm_head: bool = True
     image_token: str = ""
     seconds: float = 0.0
+    # Florence-2's tokens: the id of the first (<od>) and how many the source tokenizer lacked.
+    task_token_first_id: int = 0
+    task_tokens_added: int = 0
+    # The image processor backend that gives the reference's pixels (transformers' `backend=`).
+    image_backend: str = "pil"
+    version: int = CONVERSION_VERSION
 
     def to_dict(self) -> dict:
         return {"source": self.source, "destination": self.destination, "tensors": self.tensors,
                 "unused": self.unused, "tied_lm_head": self.tied_lm_head, "image_token": self.image_token,
-                "seconds": round(self.seconds, 3)}
+                "task_token_first_id": self.task_token_first_id, "task_tokens_added": self.task_tokens_added,
+                "image_backend": self.image_backend, "version": self.version, "seconds": round(self.seconds, 3)}
 
 
 def checkpoint_format(config: dict) -> str:
@@ -268,7 +282,7 @@ def _listing(keys: list[str], limit: int = 8) -> str:
 # -- processor ---------------------------------------------------------------------------------------
 
 def _processor(directory: Path, config_json: dict):
-    from transformers import AutoTokenizer, CLIPImageProcessor, Florence2Processor
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, Florence2Processor
 
     preprocessor_path = directory / "preprocessor_config.json"
     if not preprocessor_path.is_file():
@@ -276,7 +290,8 @@ def _processor(directory: Path, config_json: dict):
     preprocessor = json.loads(preprocessor_path.read_text())
     for key in ("auto_map", "processor_class", "image_processor_type", "_processor_class"):
         preprocessor.pop(key, None)
-    image_processor = CLIPImageProcessor(**preprocessor)
+    # Microsoft's processor resizes with PIL (transformers < 4.50); the PIL backend gives the same pixels.
+    image_processor = CLIPImageProcessorPil(**preprocessor)
     size = preprocessor.get("size") or {}
     height, width = size.get("height"), size.get("width")
     if not height or height != width:
@@ -294,7 +309,14 @@ def _processor(directory: Path, config_json: dict):
             raise ConversionError("the tokenizer has no <mask> token to stand for the image features")
         if placeholder != "<mask>":
             tokenizer = AutoTokenizer.from_pretrained(directory, extra_special_tokens={"image_token": placeholder})
-    return Florence2Processor(image_processor=image_processor, tokenizer=tokenizer), tokenizer
+    vocab_size = (config_json.get("text_config") or {}).get("vocab_size") or config_json.get("vocab_size")
+    if not vocab_size:
+        raise ConversionError("config.json: text_config has no vocab_size")
+    try:
+        layout = complete_tokenizer(tokenizer, int(vocab_size))
+    except TokenLayoutError as exc:
+        raise ConversionError(f"tokenizer: {exc}") from None
+    return Florence2Processor(image_processor=image_processor, tokenizer=tokenizer), tokenizer, layout
 
 
 @contextmanager
@@ -326,7 +348,7 @@ def convert_checkpoint(source_dir: str | Path, destination: str | Path) -> Conve
     if found != FORMAT_MICROSOFT:
         raise ConversionError(f"{source_dir} is a {found} checkpoint, not Microsoft's Florence-2 format"
                               + ("; it needs no conversion" if found == FORMAT_NATIVE else ""))
-    processor, tokenizer = _processor(source_dir, config_json)
+    processor, tokenizer, layout = _processor(source_dir, config_json)
     config, generation = convert_config(config_json, tokenizer.image_token_id)
     state, unused = convert_state_dict(read_state_dict(source_dir), config)
     tied = "lm_head.weight" not in state
@@ -357,7 +379,9 @@ def convert_checkpoint(source_dir: str | Path, destination: str | Path) -> Conve
         shutil.copy(marker, destination / marker.name)
     report = ConversionReport(source=str(source_dir), destination=str(destination), tensors=len(state),
                               unused=unused, tied_lm_head=tied, image_token=tokenizer.image_token,
+                              task_token_first_id=layout.first_id, task_tokens_added=layout.added,
                               seconds=time.perf_counter() - started)
+    (destination / CONVERSION_RECORD).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if unused:
         log.info("conversion of %s: not carried over (Florence-2 never reads them): %s", source_dir, ", ".join(unused))
     return report

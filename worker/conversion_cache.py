@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .conversion import TOKENIZER_FILES, ConversionError, convert_checkpoint, weight_files
+from .conversion import (
+    CONVERSION_RECORD, CONVERSION_VERSION, TOKENIZER_FILES, ConversionError, convert_checkpoint, weight_files,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = Path("~/.cache/florence2-serve/converted")
-RECORD = "florence2_conversion.json"
+RECORD = CONVERSION_RECORD
 DEFINING_FILES = ("config.json", "preprocessor_config.json", *TOKENIZER_FILES)
 # What a hub download of a Microsoft-format checkpoint needs (its code is never fetched).
 HUB_PATTERNS = ["*.json", "*.safetensors", "pytorch_model*.bin", "merges.txt", "vocab.json"]
@@ -92,13 +94,19 @@ def cached_conversion(source_dir: Path, root: Path) -> Path | None:
 
 
 def _entry(root: Path, digest: str) -> Path:
-    """Where the conversion of the checkpoint with this digest lives."""
-    return root / digest[:32]
+    """Where this code's conversion of the checkpoint with this digest lives (another conversion version
+    is another entry: what an older converter wrote is never served)."""
+    return root / f"{digest[:32]}-v{CONVERSION_VERSION}"
 
 
 def _complete(target: Path) -> bool:
-    """A conversion is complete once its record is written (the last file, inside the renamed directory)."""
-    return (target / RECORD).is_file()
+    """A conversion is complete once its record is written (the last file, inside the renamed directory)
+    by this conversion version."""
+    try:
+        record = json.loads((target / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return record.get("version") == CONVERSION_VERSION
 
 
 def checkpoint_dir(source, revision: str | None) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import flash_attn_shim
-from .conversion import FORMAT_MICROSOFT, FORMAT_NATIVE, ConversionError, checkpoint_format
+from .conversion import CONVERSION_RECORD, FORMAT_MICROSOFT, FORMAT_NATIVE, ConversionError, checkpoint_format
 from .model_builder import read_marker
 from .model_source import ModelSource, SourceError, hub_offline_env, resolve_source
 
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 KINDS = ("auto", "native", "remote", "yolo", "noop")
 ATTENTIONS = ("eager", "sdpa")
 DTYPES = ("auto", "fp16", "bf16", "fp32")
+# How images become pixels: transformers' backends. auto: what the checkpoint records (PIL for converted
+# Microsoft-format checkpoints, as their reference computes them), else transformers' default.
+IMAGE_BACKENDS = ("auto", "pil", "torchvision")
 NATIVE_MIN_TRANSFORMERS = (4, 56)
 REMOTE_MAX_TRANSFORMERS = (4, 50)  # exclusive
 
@@ -46,6 +49,7 @@ class LoadOptions:
     revision: str | None = None
     # Where converted Microsoft-format checkpoints are kept (None: ~/.cache/florence2-serve/converted).
     convert_cache: str | None = None
+    image_backend: str = "auto"
 
     def __post_init__(self):
         if self.attention not in ATTENTIONS:
@@ -54,6 +58,8 @@ class LoadOptions:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.image_backend not in IMAGE_BACKENDS:
+            raise ValueError(f"image backend must be one of {IMAGE_BACKENDS}, got {self.image_backend!r}")
 
 
 @dataclass
@@ -284,6 +290,17 @@ def _native_copy(source: ModelSource, options: LoadOptions) -> Path:
     return cached.path
 
 
+def image_backend(path_or_id: str, requested: str) -> str | None:
+    """The image processor backend to load a native checkpoint with (None: transformers' default)."""
+    if requested != "auto":
+        return requested
+    record = Path(path_or_id) / CONVERSION_RECORD
+    try:
+        return json.loads(record.read_text()).get("image_backend")
+    except (OSError, ValueError):
+        return None
+
+
 def _load(kind: str, path_or_id: str, options: LoadOptions, dtype, local_files_only: bool = False):
     import transformers
 
@@ -291,10 +308,31 @@ def _load(kind: str, path_or_id: str, options: LoadOptions, dtype, local_files_o
     common = {**files, "attn_implementation": options.attention}
     if kind == "native":
         model = transformers.Florence2ForConditionalGeneration.from_pretrained(path_or_id, dtype=dtype, **common)
-        processor = transformers.AutoProcessor.from_pretrained(path_or_id, **files)
+        backend = image_backend(path_or_id, options.image_backend)
+        processor = transformers.AutoProcessor.from_pretrained(
+            path_or_id, **files, **({"backend": backend} if backend else {}))
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            path_or_id, trust_remote_code=True, torch_dtype=dtype, **common
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path_or_id, trust_remote_code=True, torch_dtype=dtype, output_loading_info=True, **common
         )
+        _refuse_new_weights(model, info, path_or_id)
         processor = transformers.AutoProcessor.from_pretrained(path_or_id, trust_remote_code=True, **files)
     return model, processor
+
+
+def _refuse_new_weights(model, info: dict, path_or_id: str) -> None:
+    """A remote-code load that left tensors at their initial (random) values is an error naming them;
+    a missing tensor that shares its storage with a loaded one (tied embeddings) is not."""
+    missing = set(info.get("missing_keys") or ())
+    if not missing:
+        return
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(dict(model.named_buffers(remove_duplicate=False)))
+    loaded = {tensor.data_ptr() for name, tensor in tensors.items() if name not in missing}
+    fresh = sorted(name for name in missing if name not in tensors or tensors[name].data_ptr() not in loaded)
+    if fresh:
+        shown = ", ".join(fresh[:8]) + (f" and {len(fresh) - 8} more" if len(fresh) > 8 else "")
+        raise ModelLoadError(
+            f"could not load remote Florence-2 from {path_or_id}: {len(fresh)} tensors are not in the checkpoint "
+            f"and would be random ({shown}); save the checkpoint with these weights (a tied lm_head that the "
+            "model's code does not tie on load needs tie_word_embeddings, or the tensor saved)")

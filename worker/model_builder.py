@@ -62,9 +62,12 @@ SIZES = {
 }
 
 
-def build_tokenizer(vocab_size: int | None = None, image_token: bool = True):
-    """The tiny BPE with Florence-2's tokens; without `image_token` it is laid out like Microsoft's
-    remote-code checkpoints, which have no `<image>` token (their model prepends the image features)."""
+def build_tokenizer(vocab_size: int | None = None, image_token: bool = True, task_tokens: bool = True):
+    """The tiny BPE with Florence-2's tokens, padded with filler tokens up to `vocab_size`.
+
+    Without `image_token` and `task_tokens` it is laid out like the tokenizer Microsoft's hub checkpoints
+    ship: BART's plain one, no `<image>` token (their model prepends the image features) and none of
+    Florence-2's tokens (their processor adds those when it is built)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import BartTokenizerFast
 
@@ -83,7 +86,8 @@ def build_tokenizer(vocab_size: int | None = None, image_token: bool = True):
         sep_token="</s>", cls_token="<s>", mask_token="<mask>",
         **({"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}),
     )
-    tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)] + MARKUP_TOKENS)
+    if task_tokens:
+        tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)] + MARKUP_TOKENS)
     if vocab_size is not None and len(tokenizer) < vocab_size:
         tokenizer.add_tokens([f"<filler_{i}>" for i in range(vocab_size - len(tokenizer))])
     return tokenizer

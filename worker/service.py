@@ -122,7 +122,7 @@ def run_worker(settings: WorkerSettings) -> int:
     try:
         loaded = load_model(settings.model_path, LoadOptions(
             device=settings.device, dtype=settings.dtype, attention=settings.attention, kind=settings.kind,
-            convert_cache=settings.convert_cache))
+            convert_cache=settings.convert_cache, image_backend=settings.image_backend))
     except (ModelLoadError, ValueError) as exc:
         log.error("%s", exc)
         return 2

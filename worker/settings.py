@@ -52,6 +52,9 @@ class WorkerSettings:
     compile: bool = False
     # Where Microsoft-format checkpoints converted on load are kept (None: ~/.cache/florence2-serve/converted).
     convert_cache: str | None = None
+    # How images become pixels: auto (PIL for converted Microsoft-format checkpoints, as their reference
+    # computes them; transformers' default otherwise), pil or torchvision.
+    image_backend: str = "auto"
 
     @classmethod
     def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":
@@ -79,6 +82,8 @@ class WorkerSettings:
         if self.job_heartbeat_ttl_s < 2 * self.heartbeat_s:
             raise ValueError(f"job heartbeat TTL ({self.job_heartbeat_ttl_s} s) must be at least twice the "
                              f"heartbeat interval ({self.heartbeat_s:g} s)")
+        if self.image_backend not in ("auto", "pil", "torchvision"):
+            raise ValueError(f"image backend must be auto, pil or torchvision, got {self.image_backend!r}")
         if self.engine not in ("auto", "decode", "generate"):
             raise ValueError(f"engine must be auto, decode or generate, got {self.engine!r}")
         if self.maintenance_interval_s <= 0:
