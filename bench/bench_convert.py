@@ -4,7 +4,9 @@
 
 Builds the Microsoft-format checkpoint once (kept in --workdir for later runs), then times, each in a
 fresh directory: the digest of its files, the conversion (config, tensors, processor, safetensors
-written), and the load of the native copy, as a worker does them on its first start.
+written), and the load of the native copy, as a worker does them on its first start. Then the cost of
+the reference's PIL preprocessing (the default for converted checkpoints) against torchvision's, per
+image (examples/car.jpg, 640x480), torch on one thread, the two interleaved.
 """
 
 from __future__ import annotations
@@ -52,14 +54,38 @@ def main() -> None:
         loaded = load_model(str(target), LoadOptions(device="cpu"))
         load_s = time.perf_counter() - started
         rows.append({"digest_s": round(digest_s, 2), "convert_s": round(report.seconds, 2),
-                     "load_native_s": round(load_s, 2), "tensors": report.tensors})
+                     "load_native_s": round(load_s, 2), "tensors": report.tensors,
+                     "task_tokens_added": report.task_tokens_added})
         del loaded
+        if repeat == args.repeats - 1:
+            pixels = preprocess_ms(target)
         shutil.rmtree(target, ignore_errors=True)
     print(json.dumps({
-        "size": args.size, "checkpoint_mb": round(size_mb, 1), "rows": rows,
+        "size": args.size, "checkpoint_mb": round(size_mb, 1), "rows": rows, "preprocess_ms_per_image": pixels,
         "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
     }, indent=2))
+
+
+def preprocess_ms(checkpoint: Path, repeats: int = 40) -> dict:
+    """Median ms per image of each image backend on the converted checkpoint's own processor settings."""
+    import statistics
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    torch.set_num_threads(1)
+    image = Image.open(Path(__file__).resolve().parent.parent / "examples" / "car.jpg").convert("RGB")
+    processors = {backend: AutoProcessor.from_pretrained(checkpoint, backend=backend).image_processor
+                  for backend in ("pil", "torchvision")}
+    times: dict[str, list[float]] = {backend: [] for backend in processors}
+    for _ in range(repeats):
+        for backend, processor in processors.items():
+            started = time.perf_counter()
+            processor([image], return_tensors="pt")
+            times[backend].append((time.perf_counter() - started) * 1000)
+    return {backend: round(statistics.median(values), 2) for backend, values in times.items()}
 
 
 if __name__ == "__main__":
