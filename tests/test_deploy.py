@@ -1,6 +1,7 @@
 """Deployment files checked offline (no Docker engine, no cluster): Dockerfiles with hadolint, the
-compose file against the compose spec, the worker image's torch/transformers pins resolved with pip's
-dry run, the Kubernetes manifests against the Kubernetes schemas and KEDA's ScaledObject schema."""
+compose file against the compose spec, the locks (the environment is the lock; the images install
+theirs, which agree with it, resolved with pip's dry run), the Kubernetes manifests against the
+Kubernetes schemas and KEDA's ScaledObject schema."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from florence2_serve.client.cli import cli
 from florence2_serve.common import redis_layout as layout
 
 DOCKER = REPO / "docker"
+REQUIREMENTS = REPO / "requirements"
 K8S = REPO / "deploy" / "kubernetes"
 
 
@@ -92,25 +94,89 @@ def test_compose_file_is_valid_and_gives_each_worker_its_own_gpu():
             assert flag in worker_help
 
 
-@pytest.mark.slow
-def test_worker_image_pins_resolve_to_the_tested_torch_transformers_pair(tmp_path):
-    """pip resolves the image's requirements under its pins to the pair this suite imports Florence-2 with."""
+def _pins(path: Path) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(name): version
+            for name, version in re.findall(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", path.read_text(), re.MULTILINE)}
+
+
+def test_the_environment_is_the_lock():
+    """Every package of requirements/lock.txt is installed at its locked version (.ci/setup installs the lock),
+    and the legacy line in .legacy is requirements/legacy.txt's transformers."""
     import importlib.metadata as metadata
 
-    requirements = subprocess.run([sys.executable, str(DOCKER / "dependencies.py"), str(REPO / "pyproject.toml"),
-                                   "worker"], capture_output=True, text=True, check=True).stdout
-    (tmp_path / "requirements.txt").write_text(requirements)
+    from packaging.utils import canonicalize_name
+
+    locked = _pins(REQUIREMENTS / "lock.txt")
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    wrong = {name: (version, installed.get(name)) for name, version in locked.items() if installed.get(name) != version}
+    assert not wrong, f"not the lock's versions (locked, installed): {wrong}; run bash .ci/setup"
+    legacy = REPO / ".legacy"
+    if legacy.is_dir():
+        (dist,) = legacy.glob("transformers-*.dist-info")
+        assert dist.name == f"transformers-{_pins(REQUIREMENTS / 'legacy.txt')['transformers']}.dist-info"
+
+
+def test_the_locks_agree_and_satisfy_pyproject():
+    """One set of versions: the images' locks take the full lock's, and every range in pyproject.toml
+    (each extra) and requirements/legacy.in admits its locked version."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    full = _pins(REQUIREMENTS / "lock.txt")
+    for name in ("server.txt", "worker.txt"):
+        image = _pins(REQUIREMENTS / name)
+        assert {k: v for k, v in image.items() if full.get(k) != v} == {}, name
+        assert all("--hash=sha256:" in block for block in re.split(r"\n(?=\S)", (REQUIREMENTS / name).read_text())
+                   if "==" in block), f"{name}: every pin carries its hashes"
+    assert "torch" not in _pins(REQUIREMENTS / "server.txt"), "the front end's image has no torch"
+    assert {"torch", "torchvision", "transformers"} <= set(_pins(REQUIREMENTS / "worker.txt"))
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    groups = {"": project["dependencies"], **{k: v for k, v in project["optional-dependencies"].items()
+                                               if k != "legacy"}}
+    for group, requirements in groups.items():
+        for line in requirements:
+            requirement = Requirement(line)
+            locked = full.get(canonicalize_name(requirement.name))
+            assert locked is not None and requirement.specifier.contains(locked, prereleases=True), (group, line, locked)
+    legacy = _pins(REQUIREMENTS / "legacy.txt")
+    for line in (REQUIREMENTS / "legacy.in").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            assert requirement.specifier.contains(legacy[canonicalize_name(requirement.name)]), line
+    legacy_extra = [Requirement(r) for r in project["optional-dependencies"]["legacy"] if r.startswith("transformers")]
+    assert legacy_extra[0].specifier.contains(legacy["transformers"])
+
+
+def test_images_install_their_lock_with_hashes():
+    for name, lock in (("Dockerfile.server", "server.txt"), ("Dockerfile.worker", "worker.txt")):
+        text = (DOCKER / name).read_text()
+        assert f"COPY requirements/{lock} ./requirements.txt" in text, name
+        assert "pip install --no-cache-dir --require-hashes -r requirements.txt" in text, name
+        assert "pip install --no-cache-dir --no-deps ." in text, name  # nothing but the lock's versions
+
+
+@pytest.mark.slow
+def test_the_worker_images_lock_resolves_as_it_is(tmp_path):
+    """pip resolves the worker image's lock to exactly its pins (no conflict, nothing added), torch and
+    transformers being the pair this suite imports Florence-2 with."""
+    import importlib.metadata as metadata
+
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                             "--report", str(report), "-c", str(DOCKER / "worker-constraints.txt"),
-                             "-r", str(tmp_path / "requirements.txt")], capture_output=True, text=True, timeout=600)
+                             "--require-hashes", "--report", str(report), "-r", str(REQUIREMENTS / "worker.txt")],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    resolved = {item["metadata"]["name"].lower(): item["metadata"]["version"]
+    from packaging.utils import canonicalize_name
+
+    resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
                 for item in json.loads(report.read_text())["install"]}
-    pins = dict(line.split("==") for line in (DOCKER / "worker-constraints.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    assert resolved == _pins(REQUIREMENTS / "worker.txt")
     for name in ("torch", "torchvision", "transformers"):
-        assert resolved[name] == pins[name] == metadata.version(name), name  # the pair this suite runs
+        assert resolved[name] == metadata.version(name), name
     from transformers import Florence2ForConditionalGeneration  # noqa: F401 - the pair imports Florence-2
 
 
