@@ -37,6 +37,7 @@ class Reason(str, Enum):
     QUEUE_FULL = "QUEUE_FULL"  # UNAVAILABLE
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # UNAVAILABLE: Redis unreachable
     UNAUTHENTICATED = "UNAUTHENTICATED"  # UNAUTHENTICATED
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"  # INVALID_ARGUMENT: the body is not the method's protobuf message
     INTERNAL = "INTERNAL"  # INTERNAL
     # How a job ended (JobError only)
     INFERENCE_FAILED = "INFERENCE_FAILED"
@@ -49,9 +50,10 @@ class Reason(str, Enum):
 
 
 def quote(value: str, limit: int = QUOTE_CHARS) -> str:
-    """A user-supplied string for a message: repr of at most `limit` characters, marked when cut."""
+    """A user-supplied string for a message: at most `limit` characters, marked when cut, in double quotes
+    with control characters escaped as JSON escapes them (no language's repr)."""
     shown = value if len(value) <= limit else value[:limit] + "…"
-    return repr(shown)
+    return json.dumps(shown, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

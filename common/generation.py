@@ -7,6 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 
 MAX_NUM_BEAMS = 16
+MAX_NEW_TOKENS = 4096
 MAX_REPETITION_PENALTY = 10.0
 
 
@@ -30,9 +31,9 @@ class GenerationSettings:
     def __post_init__(self):
         if not 1 <= self.num_beams <= MAX_NUM_BEAMS:
             raise GenerationError("num_beams", f"num_beams must be between 1 and {MAX_NUM_BEAMS}, got {self.num_beams}")
-        if not 1 <= self.max_new_tokens <= 4096:
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise GenerationError("max_new_tokens",
-                                  f"max_new_tokens must be between 1 and 4096, got {self.max_new_tokens}")
+                                  f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise GenerationError("min_new_tokens", f"min_new_tokens must be between 0 and max_new_tokens "
                                   f"({self.max_new_tokens}), got {self.min_new_tokens}")

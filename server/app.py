@@ -16,13 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from florence2_serve.v1 import florence2_pb2 as pb
-from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 from florence2_serve.common.errors import Reason
 
 from . import reflection_v1
 from .errors import ServiceError
 from .jobs import REDIS_ERRORS, JobStore
+from .registration import add_florence2_service
 from .servicer import Florence2Servicer
 from .settings import ServerSettings
 
@@ -63,7 +63,7 @@ class AcceptedTokens:
         if self.file is not None and now - self._checked >= self.CHECK_S:
             self._checked = now
             self._reload()
-        return [f"Bearer {token}".encode() for token in self.fixed | self._from_file]
+        return [token.encode() for token in self.fixed | self._from_file]
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -84,9 +84,11 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_METHODS):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        given = str(metadata.get("authorization", "")).encode()
+        scheme, _, credentials = str(metadata.get("authorization", "")).strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110 §11.1); the token is compared exactly.
+        given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
         # Compare with every token (no early exit): the time taken says nothing about which matched.
-        matched = [hmac.compare_digest(given, expected) for expected in self.tokens.current()]
+        matched = [bool(given) and hmac.compare_digest(given, expected) for expected in self.tokens.current()]
         if any(matched):
             return await continuation(handler_call_details)
         streaming = method.endswith(("/Run", "/Watch"))
@@ -185,7 +187,7 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
     )
     store = JobStore(settings)
     servicer = Florence2Servicer(settings, store)
-    pb_grpc.add_Florence2ServiceServicer_to_server(servicer, server)
+    add_florence2_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

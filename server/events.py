@@ -22,7 +22,7 @@ from .redis_pipe import Subscriber
 
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+_EVENT_ID = re.compile(r"^([0-9]{1,20})(?:-([0-9]{1,20}))?$")  # ASCII digits: \d takes any script's
 RESYNC = object()  # a watcher must re-read its stream: the subscription was (re)established
 
 

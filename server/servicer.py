@@ -255,9 +255,15 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
 
         async def cancel():
             try:
-                await self.store.cancel(job_id, 0.0)
-                log.info("job %s cancelled: its client dropped the stream (cancel_on_disconnect)", job_id,
-                         extra=fields)
+                state, acted = await self.store.cancel(job_id, 0.0)
+                if acted:
+                    what = ("cancelled" if state is JobState.CANCELLED
+                            else "being cancelled (its worker stops it at the next step)")
+                    log.info("job %s %s: its client dropped the stream (cancel_on_disconnect)", job_id, what,
+                             extra=fields)
+                else:
+                    log.debug("job %s had already ended %s when its client dropped the stream", job_id,
+                              state.name, extra=fields)
             except Exception:  # noqa: BLE001 - Redis away: the job runs on, as without the flag
                 log.warning("could not cancel job %s after its client went away", job_id, exc_info=True,
                             extra=fields)

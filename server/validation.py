@@ -16,7 +16,7 @@ import grpc
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.errors import Reason, quote
-from florence2_serve.common.generation import GenerationError, GenerationSettings
+from florence2_serve.common.generation import MAX_NEW_TOKENS, GenerationError, GenerationSettings
 from florence2_serve.common.model_arg import MAX_MODEL_NAME
 from florence2_serve.common.proto_enums import task_from_proto
 from florence2_serve.common.tasks import SPECS, Input, Task, validate_inputs
@@ -33,6 +33,8 @@ MODEL_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_MODEL_NAME}}}")
 MAX_TEXT_BYTES = 64 * 1024
 # Region coordinates: finite, and no image is larger than this on a side.
 MAX_COORDINATE = 1_000_000
+# A job's own timeout (JobSpec.timeout) is at most a week.
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def check_request_id(request_id: str, field: str = "job.request_id") -> None:
@@ -99,16 +101,14 @@ def check_spec(spec: pb.JobSpec, max_image_bytes: int) -> CheckedSpec:
     try:
         settings = GenerationSettings.from_options(generation)
     except GenerationError as exc:
-        raise invalid(f"job.generation.{exc.field}", str(exc)) from None
+        over = exc.field == "max_new_tokens" and spec.generation.max_new_tokens > MAX_NEW_TOKENS
+        raise invalid(f"job.generation.{exc.field}", str(exc),
+                      Reason.TOKEN_LIMIT if over else Reason.INVALID_FIELD) from None
     try:
         layout.check_priority(spec.priority)
     except ValueError as exc:
         raise invalid("job.priority", str(exc)) from None
-    timeout_s = None
-    if spec.HasField("timeout"):
-        timeout_s = spec.timeout.ToTimedelta().total_seconds()
-        if timeout_s <= 0:
-            raise invalid("job.timeout", f"timeout must be positive, got {timeout_s:g} s")
+    timeout_s = _timeout_s(spec) if spec.HasField("timeout") else None
     if not spec.image:
         raise invalid("job.image", "image is required (the encoded bytes of a JPEG, PNG, WebP, BMP, GIF or TIFF)",
                       Reason.IMAGE_UNREADABLE)
@@ -143,3 +143,18 @@ def check_text_tokens(spec: pb.JobSpec, tokens: int, model: ModelCapabilities) -
     if limit and tokens > limit:
         raise invalid("job.text", f"text is {tokens} tokens, over the limit of model {spec.model!r} ({limit})",
                       Reason.TOKEN_LIMIT, limit=limit)
+
+
+def _timeout_s(spec: pb.JobSpec) -> float:
+    """JobSpec.timeout in seconds: a valid Duration (nanos within a second, the same sign as seconds),
+    positive and at most MAX_TIMEOUT_S."""
+    seconds, nanos = spec.timeout.seconds, spec.timeout.nanos
+    if abs(nanos) > 999_999_999 or (seconds and nanos and (seconds > 0) != (nanos > 0)):
+        raise invalid("job.timeout", f"timeout is not a valid Duration (seconds {seconds}, nanos {nanos}: nanos "
+                                     "must lie within ±999,999,999 and share the sign of seconds)")
+    timeout_s = seconds + nanos / 1e9
+    if timeout_s <= 0:
+        raise invalid("job.timeout", f"timeout must be positive, got {timeout_s:g} s")
+    if timeout_s > MAX_TIMEOUT_S:
+        raise invalid("job.timeout", f"timeout {timeout_s:g} s is over the limit of {MAX_TIMEOUT_S} s (7 days)")
+    return timeout_s

@@ -106,11 +106,14 @@ def test_the_environment_is_the_lock():
     and the legacy line in .legacy is requirements/legacy.txt's transformers."""
     import importlib.metadata as metadata
 
-    from packaging.utils import canonicalize_name
+    def installed(name: str) -> str | None:  # the distribution an import finds first (vendored copies aside)
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
 
     locked = _pins(REQUIREMENTS / "lock.txt")
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
-    wrong = {name: (version, installed.get(name)) for name, version in locked.items() if installed.get(name) != version}
+    wrong = {name: (version, installed(name)) for name, version in locked.items() if installed(name) != version}
     assert not wrong, f"not the lock's versions (locked, installed): {wrong}; run bash .ci/setup"
     legacy = REPO / ".legacy"
     if legacy.is_dir():

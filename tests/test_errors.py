@@ -31,7 +31,8 @@ def test_lua_written_errors_decode_to_reasons():
 
 
 def test_quote_keeps_messages_short():
-    assert quote("abc") == "'abc'"
+    assert quote("abc") == '"abc"'
+    assert quote("a\x00b") == '"a\\u0000b"'  # escaped as JSON escapes it, not a Python repr
     assert len(quote("x" * 100_000)) < 50
 
 
