@@ -68,7 +68,7 @@ def stack(noop_stack, tiny_png):
     (lambda s: s.generation.CopyFrom(pb.GenerationOptions(min_new_tokens=50, max_new_tokens=10)),
      grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "job.generation.min_new_tokens"),
     (lambda s: s.generation.CopyFrom(pb.GenerationOptions(max_new_tokens=5000)),
-     grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD", "job.generation.max_new_tokens"),
+     grpc.StatusCode.INVALID_ARGUMENT, "TOKEN_LIMIT", "job.generation.max_new_tokens"),
     (lambda s: setattr(s, "task", pb.TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING) or setattr(s, "text", "x" * 1_000_000),
      grpc.StatusCode.INVALID_ARGUMENT, "TOKEN_LIMIT", "job.text"),
     (lambda s: setattr(s, "task", pb.TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING) or setattr(s, "text", "y" * 300),
