@@ -269,7 +269,8 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
     worker_args = []
     for flag, value in (("--device", device), ("--dtype", dtype), ("--attention", attention),
                         ("--batch-size", batch_size), ("--kind", kind), ("--engine", engine),
-                        ("--image-backend", image_backend), ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
+                        ("--image-backend", image_backend),
+                        ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
         if value is not None:
             worker_args += [flag, str(value)]
     if compile_step is not None:

@@ -47,10 +47,10 @@ def texts(model, processor, cases: list[dict]) -> list[dict]:
     with Microsoft's recipe: 3 beams, no sampling, the checkpoint's other generation defaults."""
     import torch
 
-    answers = []
+    answers, pictures = [], images()
     with torch.inference_mode():
         for case in cases:
-            inputs = processor(text=case["prompt"], images=images()[case["image"]], return_tensors="pt")
+            inputs = processor(text=case["prompt"], images=pictures[case["image"]], return_tensors="pt")
             generated = model.generate(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
                                        max_new_tokens=case["new_tokens"], num_beams=3, do_sample=False)
             raw = processor.batch_decode(generated, skip_special_tokens=False)[0]

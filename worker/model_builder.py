@@ -14,14 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-MARKER_FILE = "florence2_serve.json"
+from .task_tokens import FLORENCE_TOKENS
 
-MARKUP_TOKENS = [
-    "<od>", "</od>", "<ocr>", "</ocr>", "<cap>", "</cap>", "<ncap>", "</ncap>", "<dcap>", "</dcap>",
-    "<grounding>", "</grounding>", "<seg>", "</seg>", "<sep>", "<region_cap>", "</region_cap>",
-    "<region_to_desciption>", "</region_to_desciption>", "<proposal>", "</proposal>",
-    "<poly>", "</poly>", "<and>",
-]
+MARKER_FILE = "florence2_serve.json"
 
 # Text the BPE is trained on: the task prompts and a few object words.
 _CORPUS = [
@@ -87,7 +82,7 @@ def build_tokenizer(vocab_size: int | None = None, image_token: bool = True, tas
         **({"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}),
     )
     if task_tokens:
-        tokenizer.add_tokens([f"<loc_{i}>" for i in range(1000)] + MARKUP_TOKENS)
+        tokenizer.add_tokens(FLORENCE_TOKENS)
     if vocab_size is not None and len(tokenizer) < vocab_size:
         tokenizer.add_tokens([f"<filler_{i}>" for i in range(vocab_size - len(tokenizer))])
     return tokenizer
