@@ -53,7 +53,8 @@ from florence2_serve.common.tasks import Task
 from . import metrics
 from .continuous import ContinuousModelLoop
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
-from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, batch_endings
+from .outcomes import (CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, StopCheck,
+                       batch_endings)
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .reporting import report_closed, report_ended
 from .settings import WorkerSettings
@@ -241,11 +242,11 @@ class BatchWorker(ContinuousModelLoop):
             task = Task(record.task)
         except (ValueError, TypeError) as exc:
             return JobError(Reason.INVALID_FIELD.value, str(exc))
-        stop_now, cancel = self._now, held.cancel
+        held.stop = StopCheck(self._now, held.cancel)
         held.request = InferenceRequest(
             image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
             generation=generation, request_id=job.job_id, image_key=hashlib.blake2b(job.image, digest_size=16).hexdigest(),
-            should_stop=lambda: stop_now.is_set() or cancel.is_set() or time.time() >= held.limit)
+            should_stop=held.stop)
         return None
 
     # -- model ------------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ class BatchWorker(ContinuousModelLoop):
                 record = job.record
                 limits = [t for t in (record.deadline, now + record.run_timeout_s if record.run_timeout_s else None)
                           if t is not None]
-                held.limit = min(limits) if limits else float("inf")
+                held.stop.limit = min(limits) if limits else float("inf")
                 runnable.append(held)
                 ended.append(Finished(job, "started", started_at=held.taken_at))
         if ended:
