@@ -9,7 +9,9 @@ and rq's bookkeeping change together.
   f2s:image:{id}          string the encoded image bytes, until the job ends
   f2s:events:{id}         stream QUEUED, STARTED, RESULT, DONE | FAILED | CANCELLED | EXPIRED; a
                                  result is a serialized florence2.v1.Result (base64), an error a
-                                 JobError (common/errors.py, JSON)
+                                 JobError (common/errors.py, JSON). When the job ends the stream is
+                                 folded into the job's hash (field `events`, JSON) and deleted: an
+                                 ended job keeps ~2 KB, not ~10 (read_events reads either form)
   f2s:cancel:{id}         string set by CancelJob for a job a worker has taken
   f2s:request:{rid}       string request_id -> "job_id fingerprint" (idempotent Submit)
   f2s:notify              pubsub every event as it is written: [job_id, event_id, type, state,
@@ -177,12 +179,22 @@ class JobRecord:
     worker_id: str = ""
     error: str = ""
 
-    SPEC_FIELDS = ("job_id", "model", "task", "text", "region", "generation", "priority", "created", "deadline",
+    # The job id is the key's own suffix; it is not repeated in the spec.
+    SPEC_FIELDS = ("model", "task", "text", "region", "generation", "priority", "created", "deadline",
                    "run_timeout_s", "trace", "request_id")
 
+    # Left out of the stored spec while they hold these values (an ended job's record is kept for the
+    # result TTL, so every byte is paid per job; reading the spec back gives the dataclass defaults).
+    SPEC_DEFAULTS = {"text": "", "region": None, "generation": {}, "priority": 0, "deadline": None,
+                     "run_timeout_s": 0.0, "trace": {}, "request_id": ""}
+
+    def spec_json(self) -> str:
+        spec = {name: value for name in self.SPEC_FIELDS
+                if (value := getattr(self, name)) != self.SPEC_DEFAULTS.get(name, ...)}
+        return json.dumps(spec, separators=(",", ":"))
+
     def to_hash(self) -> dict[str, str]:
-        spec = {name: getattr(self, name) for name in self.SPEC_FIELDS}
-        fields = {"spec": json.dumps(spec, separators=(",", ":")), "request_id": self.request_id,
+        fields = {"spec": self.spec_json(), "request_id": self.request_id,
                   "queue": self.queue, "state": self.state}
         if self.deadline is not None:
             fields["deadline"] = repr(self.deadline)
@@ -193,12 +205,19 @@ class JobRecord:
         return fields
 
     @classmethod
-    def from_hash(cls, data: dict) -> "JobRecord":
+    def from_spec(cls, job_id: str, spec: str | bytes, **fields) -> "JobRecord":
+        values = json.loads(spec)
+        values.pop("job_id", None)  # written by earlier versions
+        return cls(job_id=job_id, **values, **fields)
+
+    @classmethod
+    def from_hash(cls, job_id: str, data: dict) -> "JobRecord":
         data = {_s(k): _s(v) for k, v in data.items()}
         spec = json.loads(data["spec"])
         spec["request_id"] = data.get("request_id", spec.get("request_id", ""))
+        spec.pop("job_id", None)  # written by earlier versions
         return cls(
-            **spec, queue=data.get("queue", ""),
+            job_id=job_id, **spec, queue=data.get("queue", ""),
             state=data.get("state", JobState.QUEUED.value), worker_id=data.get("worker_id", ""),
             error=data.get("error", ""),
         )
@@ -236,6 +255,31 @@ class Event:
             result=decode_result(fields["result"]) if "result" in fields else None,
             error=fields.get("error", ""), time=float(fields.get("time", 0)), event_id=_s(event_id),
         )
+
+
+def _event_id_parts(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def folded_events(folded: bytes | str, after: str = "") -> list[Event]:
+    """An ended job's events from its hash's `events` field, those after event id `after` (exclusive)."""
+    floor = _event_id_parts(after) if after else (-1, -1)
+    events = []
+    for event_id, etype, state, when, error, result in json.loads(folded):
+        if _event_id_parts(event_id) > floor:
+            events.append(Event(type=EventType(etype), state=JobState(state), time=float(when), error=error,
+                                result=decode_result(result) if result else None, event_id=event_id))
+    return events
+
+
+def read_events(connection, job_id: str) -> list[Event]:
+    """Every event of a job, live (its stream) or ended (folded into its hash), with a sync client."""
+    entries = connection.xrange(events_key(job_id))
+    if entries:
+        return [Event.from_entry(entry_id, fields) for entry_id, fields in entries]
+    folded = connection.hget(job_key(job_id), "events")
+    return folded_events(folded) if folded else []
 
 
 def notification_events(payload: bytes | str, wanted) -> Iterator[tuple[str, Event]]:

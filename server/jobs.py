@@ -151,21 +151,27 @@ class JobStore:
         flat = await self.redis.execute("HGETALL", layout.job_key(job_id))
         if not flat:
             raise UnknownJob(_unknown(job_id, self.settings.result_ttl_s))
-        record = JobRecord.from_hash(dict(zip(flat[::2], flat[1::2])))
+        record = JobRecord.from_hash(job_id, dict(zip(flat[::2], flat[1::2])))
         result = await self.result_of(job_id) if record.state == JobState.SUCCEEDED.value else None
         return record, result
 
     async def result_of(self, job_id: str) -> bytes | None:
         """The serialized Result of a job that succeeded (None if it has none, or is gone)."""
         result = None
-        for event in await self._read(job_id, "-"):
+        for event in await self._read(job_id):
             if event.type is EventType.RESULT:
                 result = event.result
         return result
 
-    async def _read(self, job_id: str, start: str) -> list[Event]:
+    async def _read(self, job_id: str, after: str = "") -> list[Event]:
+        """Events after id `after` (exclusive; '' = all): from the stream of a live job, or, once the job
+        has ended and its stream was folded into its hash (in the same atomic step), from there."""
+        start = f"({after}" if after else "-"
         entries = await self.redis.execute("XRANGE", layout.events_key(job_id), start, "+")
-        return [Event.from_entry(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries]
+        if entries:
+            return [Event.from_entry(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in entries]
+        folded = await self.redis.execute("HGET", layout.job_key(job_id), "events")
+        return layout.folded_events(folded, after) if folded else []
 
     async def cancel(self, job_id: str, wait_s: float) -> tuple[JobState, bool]:
         """(state when this returns, whether this call cancelled the job).
@@ -215,8 +221,7 @@ class JobStore:
             while True:
                 if read_back:
                     read_back = False
-                    start = f"({format_event_id(last)}" if last != (0, 0) else "-"
-                    events = await self._read(job_id, start)
+                    events = await self._read(job_id, format_event_id(last) if last != (0, 0) else "")
                     if not events and await self._nothing_more(job_id, last):
                         return
                     for event in events:

@@ -38,7 +38,7 @@ def types_of(events) -> list[str]:
 
 
 def stream_types(connection, job_id: str) -> list[str]:
-    return [layout.Event.from_entry(i, f).type.value for i, f in connection.xrange(layout.events_key(job_id))]
+    return [e.type.value for e in layout.read_events(connection, job_id)]
 
 
 def nothing_stranded(connection, model: str) -> None:
@@ -386,7 +386,7 @@ def test_dead_workers_job_reruns_within_seconds_with_default_settings(valkey, fr
         # heartbeat TTL 4 s (expiry read in whole seconds) + maintenance every 1 s + an idle worker's 0.5 s wait
         assert rerun - killed < 9.0, f"re-run {rerun - killed:.1f} s after its worker died"
         assert events[-2].result.worker_id == "w-b"
-    assert len(connection.xrange(layout.events_key(victim))) == 6
+    assert len(layout.read_events(connection, victim)) == 6
 
 
 # -- 15. Watchers share the front end's Redis connections ----------------------------------------

@@ -28,8 +28,7 @@ def valkey():
 
 
 def _started_by(redis, job_id) -> int:
-    return sum(1 for i, f in redis.xrange(layout.events_key(job_id))
-               if layout.Event.from_entry(i, f).type is layout.EventType.STARTED)
+    return sum(1 for e in layout.read_events(redis, job_id) if e.type is layout.EventType.STARTED)
 
 
 def test_token_required_except_for_health(valkey, tiny_model_dir, tmp_path):

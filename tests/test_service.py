@@ -99,7 +99,7 @@ def test_cancel_queued_and_running_jobs(service):
 
 def _events_so_far(service, job_id) -> list[str]:
     """Event types written so far, read straight from the job's Redis stream."""
-    return [layout.Event.from_entry(i, f).type.value for i, f in service.redis.xrange(layout.events_key(job_id))]
+    return [e.type.value for e in layout.read_events(service.redis, job_id)]
 
 
 def test_expired_deadline_is_never_run(service):

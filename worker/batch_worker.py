@@ -53,6 +53,7 @@ from florence2_serve.common.tasks import Task
 from . import metrics
 from .continuous import ContinuousModelLoop
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
+from .jobs import requeued_after_loss as lost_jobs_requeued
 from .outcomes import (CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, StopCheck,
                        batch_endings)
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
@@ -113,6 +114,7 @@ class BatchWorker(ContinuousModelLoop):
                 threads[1].join(timeout=min(0.2, max(0.0, next_maintenance - time.monotonic())))
                 if on_main and time.monotonic() >= next_maintenance:
                     self.presence.maintain()
+                    self._take_lost_jobs()
                     next_maintenance = time.monotonic() + self.settings.maintenance_interval_s
         finally:
             self.stop()
@@ -191,6 +193,30 @@ class BatchWorker(ContinuousModelLoop):
                 self._fetch_done.set()
                 self._ready_changed.notify_all()
 
+    def _take_lost_jobs(self) -> None:
+        """Jobs our maintenance just put back at the front of their queues (their worker was lost) are
+        taken now, over the batch limit if need be, and run next: ahead of the jobs this worker had
+        already taken, which are newer than them. (A job taken by another worker meanwhile is simply
+        not there to take.)"""
+        count = len(lost_jobs_requeued)
+        if not count:
+            return
+        for _ in range(count):
+            lost_jobs_requeued.popleft()
+        if not self._accepting:
+            return
+        settings = self.settings
+        try:
+            taken = rq_bridge.take(
+                self.connection, settings.model_name, worker_name=settings.worker_id, worker_id=settings.worker_id,
+                max_jobs=count, heartbeat_ttl=settings.job_heartbeat_ttl_s, result_ttl=settings.result_ttl_s,
+                execution_prefix=self._next_execution_prefix())
+        except REDIS_ERRORS:
+            return  # they wait at the front of the queue for whichever worker takes next
+        if taken:
+            log.info("took %d jobs whose worker was lost; they run next", len(taken))
+            self._admit(taken, front=True)
+
     def _next_execution_prefix(self) -> str:
         return f"{self._execution_prefix}{next(self._executions)}x"
 
@@ -204,8 +230,9 @@ class BatchWorker(ContinuousModelLoop):
         except REDIS_ERRORS:
             time.sleep(0.5)
 
-    def _admit(self, taken: list[TakenJob]) -> None:
-        """Held from now on: ready for the model, or finished at once if they cannot run."""
+    def _admit(self, taken: list[TakenJob], front: bool = False) -> None:
+        """Held from now on: ready for the model (at the front of `ready` with front=True), or finished at
+        once if they cannot run."""
         taken_at = time.time()
         ready: list[Held] = []
         not_run: list[Finished] = []
@@ -223,7 +250,10 @@ class BatchWorker(ContinuousModelLoop):
                 self._held[item.job.job_id] = Held(item.job, taken_at=taken_at)
             accepting = self._accepting
             if accepting:
-                self._ready.extend(ready)
+                if front:
+                    self._ready.extendleft(reversed(ready))
+                else:
+                    self._ready.extend(ready)
             self._ready_changed.notify_all()
         if not_run:
             self._finishing.put(not_run)

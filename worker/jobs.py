@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 
 from rq.exceptions import AbandonedJobError
@@ -12,6 +13,10 @@ from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.redis_layout import EventType, JobState
 
 log = logging.getLogger(__name__)
+
+# Jobs this process's maintenance put back in a queue after their worker was lost; the batching
+# worker takes them next, ahead of the jobs it had already taken (BatchWorker.work).
+requeued_after_loss: collections.deque[str] = collections.deque(maxlen=10_000)
 
 
 def run_job() -> None:
@@ -35,6 +40,7 @@ def on_failure(job, connection, exc_type, exc_value, traceback) -> None:
         rq_bridge.append_event(connection, job.id, EventType.QUEUED.value, JobState.QUEUED.value,
                                JobError(Reason.WORKER_LOST.value,
                                         "back in the queue: the worker running it stopped heartbeating"), ttl)
+        requeued_after_loss.append(job.id)
         return
     reason = "the worker running this job died (or stopped heartbeating) on every attempt; giving up"
     log.warning("job %s: %s", job.id, reason, extra=job_fields(job.id, _model_of(job)))

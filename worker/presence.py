@@ -6,7 +6,7 @@ registration lost to a Redis outage or failover comes back by itself), rq's work
 Cancel poll (every `cancel_poll_ms`, only while jobs are held): one MGET of their cancel flags.
 Maintenance (`maintain()`, called every `maintenance_interval_s` by the worker's main thread): rq's
 `clean_registries`, which finds jobs abandoned by dead workers and retries or fails them (rq's own
-code, behind rq's lock). It must run on the main thread: rq bounds the failure callback it runs with
+code, behind rq's lock), after worker/lost_jobs.py has told dead workers from starved ones. It must run on the main thread: rq bounds the failure callback it runs with
 a SIGALRM timer. Every Redis error is logged once per outage and retried; none stops the worker.
 """
 
@@ -23,6 +23,7 @@ import redis
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 
+from .lost_jobs import LostJobReview
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ class Presence:
         self.state = state
         self.stopping = threading.Event()
         self._thread = threading.Thread(target=self._beat_loop, name="florence2-heartbeat", daemon=True)
+        self.lost_jobs = LostJobReview(
+            connection, model=settings.model_name, worker_id=settings.worker_id, heartbeat_s=settings.heartbeat_s,
+            job_heartbeat_ttl_s=settings.job_heartbeat_ttl_s, silent_worker_limit_s=settings.silent_worker_limit_s)
         self._maintenance_outage = OutageLog("maintenance")
 
     # -- registration ---------------------------------------------------------------------------
@@ -146,8 +150,15 @@ class Presence:
                 self.on_cancel(job.job_id)
 
     def maintain(self) -> None:
-        """One round of rq's registry maintenance (main thread only)."""
+        """One round of rq's registry maintenance (main thread only).
+
+        First our own jobs are heartbeated (a worker whose threads were starved must not find its own
+        jobs abandoned), then the late jobs of other workers are judged by their connections
+        (worker/lost_jobs.py), then rq's cleanup retries what was found lost.
+        """
         try:
+            rq_bridge.heartbeat(self.connection, self.held_jobs(), ttl=self.settings.job_heartbeat_ttl_s)
+            self.lost_jobs.review()
             self.rq_worker.clean_registries()
             self._maintenance_outage.ok()
         except REDIS_ERRORS as exc:

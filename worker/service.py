@@ -2,6 +2,8 @@
 
 SIGTERM or SIGINT: stop taking jobs, finish every job held, exit 0. A second one: interrupt
 generation at the next step, put every unfinished job back at the front of its queue, exit 0.
+With --exit-with-parent (how `up` starts its workers), the death of the parent is the second kind
+at once: stop now, requeue, exit.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 import redis
 
 from florence2_serve.common import redis_layout as layout
+from florence2_serve.common.images import reuse_image_memory
 from florence2_serve.common.log_setup import route_library_logs
 from florence2_serve.common.rq_bridge import check_rq_version
 
@@ -29,9 +32,13 @@ class RedisUnreachable(RuntimeError):
     """The worker's REDIS_URL does not answer; the message names it."""
 
 
-def check_redis(url: str, timeout_s: float = 3.0) -> redis.Redis:
-    """A connection to `url`, or RedisUnreachable in one line (before minutes go into loading a model)."""
-    connection = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, health_check_interval=10)
+def check_redis(url: str, timeout_s: float = 3.0, client_name: str | None = None) -> redis.Redis:
+    """A connection to `url`, or RedisUnreachable in one line (before minutes go into loading a model).
+
+    `client_name` names every connection of its pool (CLIENT SETNAME): other workers tell a live worker
+    from a dead one by it (worker/lost_jobs.py)."""
+    connection = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, health_check_interval=10,
+                                      client_name=client_name)
     try:
         connection.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
@@ -69,7 +76,8 @@ def publish_tokenizer(connection: redis.Redis, engine) -> str:
 
 
 def _exit_with_parent() -> None:
-    """Linux: have the kernel send SIGTERM when our parent exits (then the worker drains and exits)."""
+    """Linux: have the kernel send SIGTERM when our parent exits. The signal handler tells that from
+    an ordinary SIGTERM by our parent having changed, and stops now (see run_worker)."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -105,10 +113,11 @@ def run_worker(settings: WorkerSettings) -> int:
     check_rq_version()
     # rq logs every registry clean-up at INFO; maintenance runs every second here.
     logging.getLogger("rq.worker").setLevel(logging.WARNING)
+    parent = os.getppid()
     if settings.exit_with_parent:
         _exit_with_parent()
     try:
-        connection = check_redis(settings.redis_url)
+        connection = check_redis(settings.redis_url, client_name=settings.worker_id)
     except RedisUnreachable as exc:
         log.error("%s", exc)
         return 3
@@ -142,6 +151,8 @@ def run_worker(settings: WorkerSettings) -> int:
             engine.use_eager()
     if not _serve_metrics(settings, loaded):
         return 4
+    # Images in flight: the batch running, the next one decoded beside it, and a few spare.
+    reuse_image_memory(2 * settings.batch_size + 4)
     tokenizer_digest = ""
     while True:
         try:
@@ -153,7 +164,13 @@ def run_worker(settings: WorkerSettings) -> int:
     worker = BatchWorker(connection, settings, engine, describe(settings, loaded, engine, tokenizer_digest))
 
     def on_signal(signum, _frame):
-        if worker.stopping:
+        if settings.exit_with_parent and os.getppid() != parent:
+            # `up` (or whatever started us) is gone, maybe SIGKILLed, and a supervisor will start a new
+            # one at once: a graceful drain would hold Redis and the data directory for minutes.
+            log.warning("the process that started this worker died: stopping now; unfinished jobs go back "
+                        "to their queues")
+            worker.stop(now=True)
+        elif worker.stopping:
             log.info("second %s: stopping now; unfinished jobs go back to their queues",
                      signal.Signals(signum).name)
             worker.stop(now=True)

@@ -35,6 +35,9 @@ class WorkerSettings:
     # A held job whose worker stops heartbeating for this long is abandoned; the next maintenance
     # (every maintenance_interval_s, on any live worker) re-runs it at the front of its queue.
     job_heartbeat_ttl_s: int = 4
+    # ... unless its worker still holds a Redis connection (alive, but starved of CPU or paused): then
+    # its jobs are kept for it for up to this long (worker/lost_jobs.py).
+    silent_worker_limit_s: float = 60.0
     maintenance_interval_s: float = 1.0
     # rq's own worker registration TTL (rq adds 60 s).
     rq_worker_ttl_s: int = 20
@@ -86,5 +89,10 @@ class WorkerSettings:
             raise ValueError(f"image backend must be auto, pil or torchvision, got {self.image_backend!r}")
         if self.engine not in ("auto", "decode", "generate"):
             raise ValueError(f"engine must be auto, decode or generate, got {self.engine!r}")
+        if not self.worker_id or any(c.isspace() or not c.isprintable() or not c.isascii() for c in self.worker_id):
+            raise ValueError(f"worker id must be printable ASCII without spaces (it names the worker's Redis "
+                             f"connections), got {self.worker_id!r}")
+        if self.silent_worker_limit_s < 0:
+            raise ValueError("silent worker limit must not be negative")
         if self.maintenance_interval_s <= 0:
             raise ValueError("maintenance interval must be positive")

@@ -1,0 +1,132 @@
+"""A stack that runs for weeks: worker memory that stays flat, Redis that keeps little per ended job.
+
+bench/bench_soak.py measures the same over 200,000 jobs through `up`; these are the short versions
+with bounds generous enough for a loaded CI machine and tight enough that the defects fail them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from florence2_serve.client import job_spec
+from florence2_serve.common import redis_layout as layout
+from florence2_serve.common import rq_bridge
+from florence2_serve.v1 import florence2_pb2 as pb
+from service_helpers import wait_for
+
+CAR = Path(__file__).resolve().parent.parent / "examples" / "car.jpg"
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_held_job_is_freed_without_the_garbage_collector(tiny_png):
+    """Held -> request -> its stop check must not lead back to Held: a cycle would keep each finished
+    job's decoded image alive until a full collection (+30 MB per 1,000 640x480 jobs, measured)."""
+    from florence2_serve.common.rq_bridge import TakenJob
+    from florence2_serve.worker.batch_worker import BatchWorker
+    from florence2_serve.worker.outcomes import Held
+
+    record = layout.JobRecord(job_id="j", model="m", task="<OD>")
+    held = Held(TakenJob("rq:queue:florence2:m", "j", "x1", record, tiny_png), taken_at=time.time())
+    assert BatchWorker._prepare(SimpleNamespace(_now=threading.Event()), held) is None
+    assert held.request.should_stop() is False
+    held.cancel.set()
+    assert held.request.should_stop() is True
+    image = weakref.ref(held.request.image)
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del held
+        assert image() is None, "the job's image outlived the job (a reference cycle holds it)"
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def _enqueue(url: str, image: bytes, first: int, count: int) -> None:
+    from florence2_serve.server.redis_pipe import PipelinedRedis
+
+    pipe = PipelinedRedis(url)
+    templates = rq_bridge.JobTemplates(rq_bridge.JobOptions(timeout=3600, ttl=3600, max_retries=2))
+
+    async def one(i: int) -> None:
+        record = layout.JobRecord(job_id=f"soak-{i}", model="nop", task="<OD>", request_id=f"request-{i}")
+        await rq_bridge.enqueue(pipe, record, image, "fingerprint", ttl=3600, max_depth=10 ** 6,
+                                templates=templates, priority=0)
+
+    try:
+        for start in range(first, first + count, 32):
+            await asyncio.gather(*[one(i) for i in range(start, min(start + 32, first + count))])
+    finally:
+        await pipe.close()
+
+
+@pytest.mark.slow
+def test_worker_memory_stays_flat_over_thousands_of_jobs(valkey, worker_factory):
+    """A no-op worker decoding a real 640x480 JPEG per job: RSS at rest after 1,000 jobs and after
+    4,000 more differ by less than 3 MB per 1,000 jobs (the reference cycle grew it ~30 MB per 1,000)."""
+    import redis
+
+    worker = worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", worker_id="soak-w")
+    connection = redis.Redis.from_url(valkey.connection_url)
+    image = CAR.read_bytes()
+
+    def run(first: int, count: int) -> float:
+        asyncio.run(_enqueue(valkey.connection_url, image, first, count))
+        wait_for(lambda: int(connection.hget(layout.worker_key("soak-w"), "jobs_done") or 0) >= first + count,
+                 timeout=120, message=f"{first + count} jobs done")
+        time.sleep(1.0)  # at rest: the last batch's buffers are released
+        return rss_mb(worker.process.pid)
+
+    warm = run(0, 1000)
+    end = run(1000, 4000)
+    assert end - warm < 12, f"worker RSS grew {end - warm:.1f} MB over 4,000 jobs ({warm:.1f} -> {end:.1f} MB)"
+    assert all(e.type.value != "FAILED" for e in layout.read_events(connection, "soak-4999"))
+
+
+@pytest.mark.slow
+def test_an_ended_job_keeps_under_2_kb_in_redis_and_reads_back_whole(noop_stack, tiny_png):
+    """Submit (with a request id) + run to DONE: Redis keeps <= 2 KB per ended job beyond its result's
+    bytes; its events still read back whole (Watch, resume after an id, GetJob) and rq still shows it."""
+    client, connection = noop_stack.client, noop_stack.redis
+    warm = [client.submit(job_spec(tiny_png, "nop", "OD")).job_id for _ in range(50)]
+    client.wait(warm[-1])
+    wait_for(lambda: all(layout.read_events(connection, j)[-1].type.value == "DONE" for j in warm),
+             message="warm-up jobs done")
+    before = connection.info("memory")["used_memory"]
+    ids = [client.submit(job_spec(tiny_png, "nop", "OD")).job_id for _ in range(1000)]
+    wait_for(lambda: connection.hget(layout.job_key(ids[-1]), "state") == b"SUCCEEDED", timeout=60,
+             message="jobs done")
+    wait_for(lambda: all(connection.hget(layout.job_key(j), "state") == b"SUCCEEDED" for j in ids), timeout=60,
+             message="every job done")
+    after = connection.info("memory")["used_memory"]
+    result_bytes = len(layout.encode_result(client.wait(ids[0]).SerializeToString()))
+    per_job = (after - before) / len(ids) - result_bytes
+    assert per_job <= 2048, f"{per_job:.0f} bytes kept per ended job beyond its result"
+
+    job_id = ids[0]
+    assert not connection.exists(layout.events_key(job_id))  # folded into the job's record
+    events = list(client.watch(job_id))
+    assert [pb.EventType.Name(e.type) for e in events] == [
+        "EVENT_TYPE_QUEUED", "EVENT_TYPE_STARTED", "EVENT_TYPE_RESULT", "EVENT_TYPE_DONE"]
+    resumed = list(client.watch(job_id, after_event_id=events[1].event_id))
+    assert [e.event_id for e in resumed] == [e.event_id for e in events[2:]]
+    assert client.get_job(job_id).state == pb.JOB_STATE_SUCCEEDED
+    assert client.wait(job_id).image_width == 16
+    job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.FINISHED and job.ended_at is not None
