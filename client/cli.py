@@ -125,10 +125,14 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
 @click.option("--worker-id", default=None, help="This worker's id in Redis and ListModels (default host-pid-random).")
 @click.option("--job-heartbeat-ttl", "job_heartbeat_ttl_s", type=int, default=None,
               help="Seconds without heartbeat after which a held job counts as abandoned (default 4).")
+@click.option("--silent-worker-limit", "silent_worker_limit_s", type=float, default=None,
+              help="Seconds a worker that still holds its Redis connection may go without heartbeating (starved "
+                   "of CPU, paused) before its jobs count as abandoned anyway (default 60).")
 @click.option("--maintenance-interval", "maintenance_interval_s", type=float, default=None,
               help="Seconds between rq maintenance runs that re-run abandoned jobs (default 1).")
 @click.option("--exit-with-parent", is_flag=True, default=None,
-              help="Stop (gracefully) when the process that started this worker exits.")
+              help="Stop when the process that started this worker exits: at once, its unfinished jobs back in "
+                   "the queue (what `up` uses).")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve Prometheus metrics on this port (env FLORENCE2_WORKER_METRICS_PORT; default off).")
 @click.option("--metrics-host", default=None, help="Host the metrics listener binds (default 127.0.0.1).")
@@ -143,9 +147,12 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
 @click.option("--image-backend", type=click.Choice(["auto", "pil", "torchvision"]), default=None,
               help="How images become pixels: auto (PIL for converted Microsoft-format checkpoints, bit-equal to "
                    "their reference; transformers' default otherwise), pil or torchvision.")
+@click.option("--canary/--no-canary", default=None,
+              help="Before registering, run one small request through the decode engine and through transformers' "
+                   "generate (greedy and 3 beams) and serve with generate if their tokens differ (default on).")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
-           job_heartbeat_ttl_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache,
-           engine, compile_step, image_backend):
+           job_heartbeat_ttl_s, silent_worker_limit_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache,
+           engine, compile_step, image_backend, canary):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
 
     SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
@@ -156,9 +163,11 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
         settings = WorkerSettings.from_env(
             model, redis_url=redis_url, device=device, dtype=dtype, attention=attention, kind=kind,
             batch_size=batch_size, batch_wait_ms=batch_wait_ms, worker_id=worker_id,
-            job_heartbeat_ttl_s=job_heartbeat_ttl_s, maintenance_interval_s=maintenance_interval_s,
+            job_heartbeat_ttl_s=job_heartbeat_ttl_s, silent_worker_limit_s=silent_worker_limit_s,
+            maintenance_interval_s=maintenance_interval_s,
             exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host,
-            convert_cache=convert_cache, engine=engine, compile=compile_step, image_backend=image_backend)
+            convert_cache=convert_cache, engine=engine, compile=compile_step, image_backend=image_backend,
+            canary=canary)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker
@@ -245,17 +254,26 @@ def serve(redis_url, **options):
               help="torch.compile the workers' decode step (default off).")
 @click.option("--image-backend", type=click.Choice(["auto", "pil", "torchvision"]), default=None,
               help="Workers' image preprocessing (default auto: PIL for converted Microsoft-format checkpoints).")
+@click.option("--job-heartbeat-ttl", type=int, default=None,
+              help="Workers' job heartbeat TTL in seconds (default 4; a worker that keeps its Redis connection "
+                   "is not condemned by it, see --silent-worker-limit of `worker`).")
+@click.option("--silent-worker-limit", type=float, default=None,
+              help="Seconds a connected but silent worker keeps its jobs (default 60).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Use this Redis (env REDIS_URL) instead of starting an embedded one.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), envvar="FLORENCE2_DATA_DIR",
               default=None, help="Embedded Redis keeps its data here (append-only file, fsync every second); "
                                  "default $XDG_DATA_HOME/florence2-serve/redis (env FLORENCE2_DATA_DIR).")
 @click.option("--in-memory", is_flag=True, help="Embedded Redis keeps nothing across restarts.")
+@click.option("--redis-maxmemory", default=None,
+              help="Embedded Redis's maxmemory, e.g. 4gb (default: a quarter of this machine's memory); when full it "
+                   "refuses new jobs (QUEUE_FULL) and never evicts a queued one.")
 @click.option("--dashboard", is_flag=True,
               help="Also run rq-dashboard on the queues, at 127.0.0.1:9181 (needs the dashboard extra).")
 @_server_options
-def up(models, workers, device, dtype, attention, batch_size, kind, engine, compile_step, image_backend, redis_url,
-       data_dir, in_memory, dashboard, address, **server_options):
+def up(models, workers, device, dtype, attention, batch_size, kind, engine, compile_step, image_backend,
+       job_heartbeat_ttl, silent_worker_limit, redis_url, data_dir, redis_maxmemory, in_memory, dashboard, address,
+       **server_options):
     """Everything on one machine: Redis (embedded unless --redis-url), front end, N workers per model.
 
     Ctrl-C or SIGTERM: workers finish their jobs, then the front end stops, then Redis; a second
@@ -269,7 +287,8 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
     worker_args = []
     for flag, value in (("--device", device), ("--dtype", dtype), ("--attention", attention),
                         ("--batch-size", batch_size), ("--kind", kind), ("--engine", engine),
-                        ("--image-backend", image_backend),
+                        ("--image-backend", image_backend), ("--job-heartbeat-ttl", job_heartbeat_ttl),
+                        ("--silent-worker-limit", silent_worker_limit),
                         ("--log-format", (click.get_current_context().find_root().obj or {}).get("log_format"))):
         if value is not None:
             worker_args += [flag, str(value)]
@@ -279,7 +298,7 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
         raise click.BadParameter("--in-memory and --data-dir exclude each other")
     config = StackConfig(
         models=list(models), workers=workers, redis_url=redis_url or None,
-        data_dir=None if in_memory or redis_url else (data_dir or default_data_dir()),
+        data_dir=None if in_memory or redis_url else (data_dir or default_data_dir()), redis_maxmemory=redis_maxmemory,
         address=address or "127.0.0.1:50051", worker_args=worker_args,
         server_settings={k: v for k, v in server_options.items() if v is not None},
     )

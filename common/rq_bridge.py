@@ -98,13 +98,18 @@ ENTRY_POINTS = ("enqueue", "take", "progress", "requeue", "heartbeat", "cancel",
 def _library() -> tuple[str, str, dict[str, str]]:
     """(the library's code, its name, entry point -> function name).
 
-    Names carry a digest of the Lua, so processes of different versions can share one Redis.
+    Names carry a digest of the Lua (and the functions' flags), so processes of different versions can share one Redis.
     """
     lua = (Path(__file__).resolve().parent / "rq_functions.lua").read_text()
-    digest = hashlib.sha1(lua.encode()).hexdigest()[:12]
+    # Everything but enqueue may run when Redis is at its maxmemory: ending, requeueing and cancelling jobs
+    # is what frees memory (a job's image goes when it ends), and must never be refused for lack of it.
+    # Enqueue is refused instead (OOM), which Submit answers as QUEUE_FULL.
+    flags = {name: "" if name == "enqueue" else ", flags={'allow-oom'}" for name in ENTRY_POINTS}
+    digest = hashlib.sha1((lua + repr(sorted(flags.items()))).encode()).hexdigest()[:12]
     functions = {name: f"f2s_{name}_{digest}" for name in ENTRY_POINTS}
     registrations = "".join(
-        f"\nredis.register_function('{functions[name]}', function(keys, args) return {name}_body(args) end)"
+        f"\nredis.register_function{{function_name='{functions[name]}', "
+        f"callback=function(keys, args) return {name}_body(args) end{flags[name]}}}"
         for name in ENTRY_POINTS)
     return f"#!lua name=florence2_serve_{digest}\n{lua}{registrations}\n", f"florence2_serve_{digest}", functions
 
@@ -232,7 +237,13 @@ async def enqueue(connection, record: layout.JobRecord, image: bytes, payload_fi
     args = [record.job_id, record.request_id, payload_fingerprint, ttl, max_depth, record.queue,
             layout.wake_key(record.model), image, repr(record.created), templates.key(queue_name), clock.iso,
             len(queues), *queues, *[item for pair in record.to_hash().items() for item in pair]]
-    reply = await run_script_async(connection, "enqueue", args)
+    try:
+        reply = await run_script_async(connection, "enqueue", args)
+    except redis.exceptions.ResponseError as exc:
+        if str(exc).startswith("OOM"):
+            raise QueueFull("Redis is at its memory limit (maxmemory); retry with backoff once jobs have "
+                            "ended and their results expired") from None
+        raise
     if int(reply[0]) == -2:  # first job of this queue (or Redis lost its data): store the template
         await templates.store(connection, queue_name)
         reply = await run_script_async(connection, "enqueue", args)

@@ -66,6 +66,14 @@ def _holder_is_stopping(handle) -> bool:
         return True  # cannot tell (not Linux, or it is exiting right now): wait the bounded time
 
 
+def default_maxmemory() -> int:
+    """A quarter of the machine's physical memory, in bytes (1 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):
+        return 1 << 30
+
+
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         import ctypes
@@ -98,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-grace", type=float, default=30.0,
                         help="After the starting process died: longest wait for workers to disconnect (they "
                              "stop at once, putting their jobs back in the queue).")
+    parser.add_argument("--maxmemory", default=None,
+                        help="valkey's maxmemory (e.g. 2gb; default a quarter of this machine's memory). The policy "
+                             "is noeviction: a full Redis refuses new jobs and never evicts a queued one.")
     parser.add_argument("--lock-wait", type=float, default=15.0,
                         help="Longest wait for a stopping stack to release the data directory.")
     args = parser.parse_args(argv)
@@ -113,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
     lock = None  # held (flock) until this process exits
     try:
+        memory = {"maxmemory": args.maxmemory or str(default_maxmemory()), "maxmemory-policy": "noeviction"}
         if args.in_memory:
-            server = ValkeyServer(port=None, save="", appendonly="no")
+            server = ValkeyServer(port=None, save="", appendonly="no", config=memory)
         else:
             lock = lock_data_dir(args.data_dir, args.lock_wait)
             server = ValkeyServer(port=None, data_dir=args.data_dir, persist=True, save="",
-                                  appendonly="yes", appendfsync="everysec")
+                                  appendonly="yes", appendfsync="everysec", config=memory)
         server.start()
     except DataDirBusy as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -372,7 +372,7 @@ def _worker_info(view) -> pb.WorkerInfo:
         model_revision=f.get("model_revision", ""), random_weights=f.get("random_weights") == "1",
         jobs_done=int(f.get("jobs_done", 0)), generate_calls=int(f.get("generate_calls", 0)),
         state=f.get("state", ""), source_format=checkpoint_format_to_proto(f.get("source_format", "")),
-        converted=f.get("converted") == "1",
+        converted=f.get("converted") == "1", engine=f.get("engine", ""), engine_note=f.get("engine_note", ""),
     )
 
 

@@ -47,6 +47,7 @@ class StackConfig:
     workers: int = 1
     redis_url: str | None = None  # None: run an embedded valkey-server
     data_dir: Path | None = None  # embedded Redis: keep data here (AOF); None: in memory only
+    redis_maxmemory: str | None = None  # embedded Redis: its maxmemory (None: a quarter of the RAM)
     address: str = "127.0.0.1:50051"
     worker_args: list[str] = field(default_factory=list)  # extra `florence2 worker` flags
     log_dir: Path | None = None  # worker logs go here instead of this process's stderr
@@ -170,6 +171,8 @@ class LocalStack:
 
     def _start_redis(self) -> str:
         where = ["--data-dir", str(self.config.data_dir)] if self.config.data_dir else ["--in-memory"]
+        if self.config.redis_maxmemory:
+            where += ["--maxmemory", self.config.redis_maxmemory]
         self.keeper = subprocess.Popen(
             [sys.executable, "-m", "florence2_serve.server.embedded_redis", *where],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,

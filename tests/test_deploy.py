@@ -94,6 +94,33 @@ def test_compose_file_is_valid_and_gives_each_worker_its_own_gpu():
             assert flag in worker_help
 
 
+def test_every_shipped_redis_has_a_maxmemory_that_never_evicts_a_queued_job():
+    """compose, Kubernetes and up's embedded valkey: a maxmemory with noeviction (README "Sizing Redis")."""
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["redis"]["command"]
+    manifests = list(yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "valkey.yaml").read_text()))
+    statefulset = next(m for m in manifests if m and m["kind"] == "StatefulSet")
+    kubernetes = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    for args in (compose, kubernetes):
+        assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+        assert args[args.index("--maxmemory") + 1]
+    limit = statefulset["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert limit == "2Gi" and kubernetes[kubernetes.index("--maxmemory") + 1] == "1536mb"  # below the limit
+
+
+def test_up_embedded_redis_never_evicts(tmp_path):
+    import redis
+
+    up = subprocess.Popen([sys.executable, "-m", "florence2_serve.server.embedded_redis", "--in-memory",
+                           "--maxmemory", "64mb"], stdout=subprocess.PIPE, text=True)
+    try:
+        connection = redis.Redis.from_url(up.stdout.readline().strip())
+        assert connection.config_get("maxmemory")["maxmemory"] == str(64 * 1024 * 1024)
+        assert connection.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+
+
 def _pins(path: Path) -> dict[str, str]:
     from packaging.utils import canonicalize_name
 

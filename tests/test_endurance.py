@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import threading
 import time
 import weakref
@@ -130,3 +131,46 @@ def test_an_ended_job_keeps_under_2_kb_in_redis_and_reads_back_whole(noop_stack,
     assert client.wait(job_id).image_width == 16
     job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     assert job.get_status() == JobStatus.FINISHED and job.ended_at is not None
+
+
+@pytest.mark.slow
+def test_a_full_redis_refuses_new_jobs_and_still_finishes_every_accepted_one(valkey, front_end_factory,
+                                                                             worker_factory):
+    """maxmemory with noeviction: Submit answers QUEUE_FULL (retryable), never evicts a queued job, and the
+    workers' writes (ending jobs is what frees memory) are never refused for lack of it."""
+    import io
+    import os
+
+    import redis
+    from PIL import Image
+
+    from florence2_serve.client import NO_RETRY, Florence2Client
+    from florence2_serve.client.errors import RpcError
+
+    connection = redis.Redis.from_url(valkey.connection_url)
+    front = front_end_factory(valkey.connection_url)
+    worker = worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", "--batch-size", "4", worker_id="full-w")
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (600, 600), os.urandom(600 * 600 * 3)).save(buffer, format="PNG")  # ~1 MB, incompressible
+    image = buffer.getvalue()
+    worker.process.send_signal(signal.SIGSTOP)  # nothing ends while Redis fills
+    try:
+        connection.config_set("maxmemory", connection.info("memory")["used_memory"] + 8 * len(image))
+        connection.config_set("maxmemory-policy", "noeviction")
+        accepted, refusal = [], None
+        with Florence2Client(f"127.0.0.1:{front.port}", timeout=30, retry=NO_RETRY) as client:
+            for _ in range(40):
+                try:
+                    accepted.append(client.submit(job_spec(image, "nop", "OD")).job_id)
+                except RpcError as exc:
+                    refusal = exc
+                    break
+    finally:
+        worker.process.send_signal(signal.SIGCONT)
+    assert refusal is not None and refusal.reason == "QUEUE_FULL" and "memory limit" in refusal.message, refusal
+    assert refusal.retry_delay_s is not None and 3 <= len(accepted) <= 12
+    with Florence2Client(f"127.0.0.1:{front.port}", timeout=30) as client:
+        for job_id in accepted:
+            assert client.wait(job_id, timeout=60).image_width == 600
+        assert client.wait(client.submit(job_spec(image, "nop", "OD")).job_id, timeout=60).image_width == 600
+    assert connection.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"

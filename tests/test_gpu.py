@@ -59,3 +59,19 @@ def test_decode_engine_on_cuda_eager_and_compiled_give_generates_tokens(tiny_mod
             expected = [o.result.raw_text for o in plain.run_batch(batch())]
             for engine in engines:
                 assert [o.result.raw_text for o in engine.run_batch(batch())] == expected, (beams, size)
+
+
+@pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
+def test_start_up_canary_passes_on_cuda(tiny_model_dir, compile_step):
+    """The decode engine gives generate's tokens on CUDA fp16 (what every worker checks at start)."""
+    from florence2_serve.worker.canary import check_decode_engine
+    from florence2_serve.worker.decoding.engine import DecodeEngine, DecodeOptions
+    from florence2_serve.worker.engine import Florence2Engine
+    from florence2_serve.worker.loader import LoadOptions, load_model
+
+    loaded = load_model(str(tiny_model_dir), LoadOptions(device="cuda"))
+    engine = DecodeEngine(loaded, DecodeOptions(rows=6, compile=compile_step))
+    if compile_step:
+        engine.warm_up((1, 2))
+    report = check_decode_engine(engine, Florence2Engine(loaded))
+    assert report.engine == "decode", report.note

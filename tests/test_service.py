@@ -247,6 +247,8 @@ def test_list_models_describes_workers(service):
     assert tiny.live_workers >= 1 and tiny.random_weights
     worker = next(w for w in tiny.workers if w.worker_id == "tiny-w1")
     assert worker.device == "cpu" and worker.dtype == "fp32" and worker.attention == "eager" and worker.batch_size == 8
+    assert worker.engine == "decode" and worker.engine_note == ""  # it passed its start-up canary
+    assert "start-up canary: the decode engine gives generate's tokens" in service.workers["tiny"].log_path.read_text()
     assert service.client.health() == "SERVING"
 
 

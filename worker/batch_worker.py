@@ -10,10 +10,7 @@ Three threads share the work of one model:
             every enqueue rings.
   model     runs `ready` through the engine, batch after batch. A job cancelled or past its
             deadline before its batch starts is never run.
-  finisher  writes what the model did, in order: STARTED when a batch begins, then each job's end
-            (events and rq's bookkeeping in one atomic step). Whatever is waiting goes out in one
-            call (rq_bridge PROGRESS). A Redis outage only delays it: it retries until Redis is back
-            and loses nothing.
+  finisher  writes what the model did, in order (worker/finisher.py).
 
 Bookkeeping costs a constant number of Redis round trips per batch (take, started, ended; the last
 two usually share one call).
@@ -21,8 +18,9 @@ two usually share one call).
 Every job this worker takes is either finished by it or put back at the front of its queue:
 `stop()` (first SIGTERM) stops taking and drains what is held; `stop(now=True)` (a second
 signal) interrupts generation at the next step and requeues every unfinished job. If the process
-dies instead, its jobs stop heartbeating in rq's StartedJobRegistry and another worker's
-maintenance re-runs them (rq's retries) or fails them.
+dies instead, its Redis connections close and its jobs stop heartbeating in rq's StartedJobRegistry:
+another worker's maintenance finds them lost (worker/lost_jobs.py), re-runs them (rq's retries) or
+fails them, and takes them next itself.
 """
 
 from __future__ import annotations
@@ -52,18 +50,18 @@ from florence2_serve.common.tasks import Task
 
 from . import metrics
 from .continuous import ContinuousModelLoop
+from .finisher import FinishingLoop
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
 from .jobs import requeued_after_loss as lost_jobs_requeued
-from .outcomes import (CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, StopCheck,
-                       batch_endings)
+from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, StopCheck
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
-from .reporting import report_closed, report_ended
+from .reporting import report_closed
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 
-class BatchWorker(ContinuousModelLoop):
+class BatchWorker(ContinuousModelLoop, FinishingLoop):
     def __init__(self, connection: redis.Redis, settings: WorkerSettings, engine: Engine, description: dict):
         self.connection = connection
         self.settings = settings
@@ -349,71 +347,6 @@ class BatchWorker(ContinuousModelLoop):
         except Exception:  # noqa: BLE001 - engines isolate bad requests; this is the last resort
             log.exception("batch of %d failed", len(batch))
             return [InferenceOutcome(r, error=INFERENCE_FAILED) for r in requests]
-
-    # -- finisher ---------------------------------------------------------------------------------
-
-    def _finish_loop(self) -> None:
-        name_os_thread("f2s-finisher")
-        while True:
-            item = self._finishing.get()
-            items = [item]
-            while True:  # everything already waiting goes out in the same round trip
-                try:
-                    items.append(self._finishing.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in items
-            ended: list[Finished] = []
-            requeue: list[TakenJob] = []
-            worked = 0.0
-            for entry in items:
-                if isinstance(entry, Batch):
-                    worked += batch_endings(entry, self.settings.worker_id, self._now.is_set(), ended, requeue)
-                elif isinstance(entry, Requeue):
-                    requeue.extend(entry.jobs)
-                elif entry:
-                    ended.extend(entry)
-            self._write(ended, requeue, worked)
-            if stop:
-                return
-
-    def _write(self, ended: list[Finished], requeue: list[TakenJob], worked: float) -> None:
-        settings = self.settings
-        if ended:
-            calls = self.engine.generate_calls - self._generate_calls_written
-            self._retry_until_done("progress", lambda: rq_bridge.progress(
-                self.connection, ended, ttl=settings.result_ttl_s, worker_name=settings.worker_id,
-                worker_id=settings.worker_id, worked_s=worked, counters=(layout.worker_key(settings.worker_id), calls)))
-            self._generate_calls_written += calls
-            report_ended(self.settings.model_name, ended)
-        if requeue:
-            self._retry_until_done("requeue", lambda: rq_bridge.requeue(
-                self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
-                worker_name=settings.worker_id))
-            log.info("put %d jobs not finished here back at the front of their queues", len(requeue))
-        with self._lock:
-            for item in ended:
-                if item.outcome != "started":
-                    self._held.pop(item.job.job_id, None)
-            for job in requeue:
-                self._held.pop(job.job_id, None)
-
-    def _retry_until_done(self, what: str, write):
-        """Run a Redis write until it succeeds: a worker keeps its results through any outage."""
-        outage = OutageLog(what)
-        delay = 0.1
-        while True:
-            try:
-                value = write()
-                outage.ok()
-                return value
-            except REDIS_ERRORS as exc:
-                outage.failed(exc)
-                if self._now.is_set() and outage.since is not None and time.monotonic() - outage.since > 5:
-                    log.error("%s: giving up on Redis to stop now; rq's maintenance re-runs the held jobs", what)
-                    return set()
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
 
     # -- presence callbacks -----------------------------------------------------------------------
 

@@ -100,8 +100,22 @@ def _try_model(model: str, device: str, attention: str, problems: list[str]) -> 
     })
     task = Task.DETECT if loaded.kind == "yolo" else Task.OD
     request = InferenceRequest(lesson_images()[0], task, generation=GenerationSettings(max_new_tokens=64))
+    engine = create_engine(loaded)
+    from .decoding.engine import DecodeEngine
+
+    if isinstance(engine, DecodeEngine):
+        from .canary import check_decode_engine
+        from .engine import Florence2Engine
+
+        reference = Florence2Engine(loaded)
+        canary = check_decode_engine(engine, reference)
+        entry.update({"engine": canary.engine, "engine_note": canary.note, "canary_seconds": round(canary.seconds, 3)})
+        if canary.engine != "decode":
+            engine = reference
+    else:
+        entry["engine"] = "generate" if engine.kind == "florence2" else engine.kind
     started = time.perf_counter()
-    outcome = create_engine(loaded).run_batch([request])[0]
+    outcome = engine.run_batch([request])[0]
     entry["generate_ms"] = round((time.perf_counter() - started) * 1000, 1)
     if outcome.error:
         problems.append(f"generate failed: {outcome.error.message}")
@@ -138,7 +152,8 @@ def render(report: dict) -> str:
         else:
             lines.append(
                 f"model         {model['path']}: {model['kind']} on {model['device']} {model['dtype']} "
-                f"{model['attention']}, load {model['load_seconds']}s, generate {model.get('generate_ms')} ms"
+                f"{model['attention']}, {model.get('engine', '?')} engine, load {model['load_seconds']}s, "
+                f"generate {model.get('generate_ms')} ms"
                 + (" [converted from Microsoft's format]" if model.get("converted") else "")
                 + (" [RANDOM WEIGHTS]" if model.get("random_weights") else "")
             )
@@ -153,8 +168,14 @@ def render(report: dict) -> str:
         server = report["server"]
         lines.append(f"server        {server['address']}: " + (f"FAILED {server['error']}" if "error" in server else
                      f"{server['health']}, models: " + (", ".join(
-                         f"{name} ({m['kind']}, {m['live_workers']} live)" for name, m in server["models"].items())
-                         or "none")))
+                         f"{name} ({m['kind']}, {m['live_workers']} live"
+                         + (f", engine {'/'.join(m['engines'])}" if m.get("engines") else "") + ")"
+                         for name, m in server["models"].items()) or "none")))
+        for name, m in server.get("models", {}).items():
+            for note in m.get("engine_notes", []):
+                lines.append(f"NOTE          {name}: {note}")
+    if report.get("model", {}).get("engine_note"):
+        lines.append(f"NOTE          {report['model']['engine_note']}")
     for problem in report["problems"]:
         lines.append(f"PROBLEM       {problem}")
     lines.append("OK" if report["ok"] else "BROKEN")

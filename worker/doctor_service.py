@@ -57,7 +57,10 @@ def check_server(address: str, problems: list[str]) -> dict:
         try:
             entry["health"] = client.health()
             entry["models"] = {m.name: {"kind": to_json(m)["kind"], "live_workers": m.live_workers,
-                                        "queue_depth": m.queue_depth} for m in client.list_models()}
+                                        "queue_depth": m.queue_depth,
+                                        "engines": sorted({w.engine for w in m.workers if w.engine}),
+                                        "engine_notes": sorted({w.engine_note for w in m.workers if w.engine_note})}
+                               for m in client.list_models()}
         except Florence2Error as exc:
             problems.append(f"front end at {address}: {exc}")
             entry["error"] = str(exc)

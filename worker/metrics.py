@@ -20,7 +20,7 @@ BATCH_SIZE = Histogram("florence2_batch_size", "Jobs per generate call", ["model
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 RUNNING_JOBS = Gauge("florence2_running_jobs", "Jobs this worker's model is running now", ["model"])
 WORKER_INFO = Gauge("florence2_worker_info", "What this worker holds (always 1)",
-                    ["model", "worker_id", "kind", "dtype", "attention", "device"])
+                    ["model", "worker_id", "kind", "dtype", "attention", "device", "engine"])
 LOAD_SECONDS = Gauge("florence2_worker_load_seconds", "Seconds the model took to load", ["model"])
 GPU_MEMORY = Gauge("florence2_worker_gpu_memory_bytes", "CUDA memory of this worker's device (torch)",
                    ["model", "kind"])
@@ -28,8 +28,9 @@ GPU_MEMORY = Gauge("florence2_worker_gpu_memory_bytes", "CUDA memory of this wor
 OUTCOMES = {"SUCCEEDED": "succeeded", "FAILED": "failed", "CANCELLED": "cancelled", "EXPIRED": "expired"}
 
 
-def describe_worker(model: str, worker_id: str, loaded) -> None:
-    WORKER_INFO.labels(model, worker_id, loaded.kind, loaded.dtype_name, loaded.attention, str(loaded.device)).set(1)
+def describe_worker(model: str, worker_id: str, loaded, engine: str) -> None:
+    WORKER_INFO.labels(model, worker_id, loaded.kind, loaded.dtype_name, loaded.attention, str(loaded.device),
+                       engine).set(1)
     LOAD_SECONDS.labels(model).set(loaded.load_seconds)
     device = loaded.device
     if getattr(device, "type", "") == "cuda":

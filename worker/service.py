@@ -48,7 +48,30 @@ def check_redis(url: str, timeout_s: float = 3.0, client_name: str | None = None
     return connection
 
 
-def describe(settings: WorkerSettings, loaded, engine, tokenizer_digest: str = "") -> dict:
+def engine_name(engine) -> str:
+    """decode | generate | yolo | noop: what ListModels, metrics and doctor say serves."""
+    from .decoding.engine import DecodeEngine
+
+    if isinstance(engine, DecodeEngine):
+        return "decode"
+    return "generate" if engine.kind == "florence2" else engine.kind
+
+
+def _checked_engine(engine, loaded, settings: WorkerSettings):
+    """(engine to serve with, note): the decode engine only after it passed the start-up canary."""
+    from .decoding.engine import DecodeEngine
+
+    if not isinstance(engine, DecodeEngine) or not settings.canary:
+        return engine, ""
+    from .canary import check_decode_engine
+    from .engine import Florence2Engine
+
+    reference = Florence2Engine(loaded)
+    report = check_decode_engine(engine, reference)
+    return (engine, "") if report.engine == "decode" else (reference, report.note)
+
+
+def describe(settings: WorkerSettings, loaded, engine, tokenizer_digest: str = "", engine_note: str = "") -> dict:
     """The worker's registration: who it is and what its model can do (ListModels and Submit read it)."""
     return {
         "model": settings.model_name, "model_id": loaded.model_id, "model_revision": loaded.revision,
@@ -58,6 +81,7 @@ def describe(settings: WorkerSettings, loaded, engine, tokenizer_digest: str = "
         "tasks": ",".join(task.name for task in engine.tasks), "max_new_tokens": engine.max_new_tokens_limit,
         "max_text_tokens": engine.max_text_tokens, "tokenizer": tokenizer_digest,
         "source_format": loaded.source_format, "converted": "1" if loaded.converted else "0",
+        "engine": engine_name(engine), "engine_note": engine_note,
     }
 
 
@@ -89,10 +113,10 @@ def _exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _serve_metrics(settings: WorkerSettings, loaded) -> bool:
+def _serve_metrics(settings: WorkerSettings, loaded, engine_name: str) -> bool:
     from . import metrics
 
-    metrics.describe_worker(settings.model_name, settings.worker_id, loaded)
+    metrics.describe_worker(settings.model_name, settings.worker_id, loaded, engine_name)
     if not settings.metrics_port:
         return True
     from prometheus_client import start_http_server
@@ -149,7 +173,8 @@ def run_worker(settings: WorkerSettings) -> int:
         except Exception:  # noqa: BLE001 - a compiler failure costs speed, not the worker
             log.exception("compiling the decode step failed; decoding without compiling")
             engine.use_eager()
-    if not _serve_metrics(settings, loaded):
+    engine, engine_note = _checked_engine(engine, loaded, settings)
+    if not _serve_metrics(settings, loaded, engine_name(engine)):
         return 4
     # Images in flight: the batch running, the next one decoded beside it, and a few spare.
     reuse_image_memory(2 * settings.batch_size + 4)
@@ -161,7 +186,7 @@ def run_worker(settings: WorkerSettings) -> int:
         except (redis.RedisError, OSError) as exc:
             log.warning("cannot publish the tokenizer yet (%s); retrying", str(exc).splitlines()[0])
             time.sleep(1)
-    worker = BatchWorker(connection, settings, engine, describe(settings, loaded, engine, tokenizer_digest))
+    worker = BatchWorker(connection, settings, engine, describe(settings, loaded, engine, tokenizer_digest, engine_note))
 
     def on_signal(signum, _frame):
         if settings.exit_with_parent and os.getppid() != parent:

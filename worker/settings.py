@@ -58,6 +58,8 @@ class WorkerSettings:
     # How images become pixels: auto (PIL for converted Microsoft-format checkpoints, as their reference
     # computes them; transformers' default otherwise), pil or torchvision.
     image_backend: str = "auto"
+    # Before registering, check the decode engine against generate on this device (worker/canary.py).
+    canary: bool = True
 
     @classmethod
     def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":

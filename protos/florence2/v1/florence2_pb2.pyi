@@ -416,7 +416,7 @@ class Job(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., state: _Optional[_Union[JobState, str]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., created_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "host", "device", "dtype", "attention", "batch_size", "model_id", "model_revision", "random_weights", "jobs_done", "generate_calls", "state", "source_format", "converted")
+    __slots__ = ("worker_id", "host", "device", "dtype", "attention", "batch_size", "model_id", "model_revision", "random_weights", "jobs_done", "generate_calls", "state", "source_format", "converted", "engine", "engine_note")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -431,6 +431,8 @@ class WorkerInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FORMAT_FIELD_NUMBER: _ClassVar[int]
     CONVERTED_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_NOTE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     host: str
     device: str
@@ -445,7 +447,9 @@ class WorkerInfo(_message.Message):
     state: str
     source_format: CheckpointFormat
     converted: bool
-    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., batch_size: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., random_weights: _Optional[bool] = ..., jobs_done: _Optional[int] = ..., generate_calls: _Optional[int] = ..., state: _Optional[str] = ..., source_format: _Optional[_Union[CheckpointFormat, str]] = ..., converted: _Optional[bool] = ...) -> None: ...
+    engine: str
+    engine_note: str
+    def __init__(self, worker_id: _Optional[str] = ..., host: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., attention: _Optional[str] = ..., batch_size: _Optional[int] = ..., model_id: _Optional[str] = ..., model_revision: _Optional[str] = ..., random_weights: _Optional[bool] = ..., jobs_done: _Optional[int] = ..., generate_calls: _Optional[int] = ..., state: _Optional[str] = ..., source_format: _Optional[_Union[CheckpointFormat, str]] = ..., converted: _Optional[bool] = ..., engine: _Optional[str] = ..., engine_note: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "workers", "live_workers", "queue_depth", "random_weights", "kind", "tasks", "max_new_tokens", "max_text_tokens", "limits", "source_format")
