@@ -81,3 +81,20 @@ def test_gpu_check_is_one_command_that_refuses_cleanly_without_cuda():
                                                                                       "PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and "no CUDA device" in done.stderr
     assert hashlib.sha256((repo / "bench" / "RESULTS.md").read_bytes()).digest() == hashlib.sha256(results).digest()
+
+
+def test_a_noop_worker_never_imports_torch_for_its_engine_checks():
+    """engine_name and the canary decision must not import the decode engine (torch: ~400 MB of RSS)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from florence2_serve.worker import noop, service\n"
+            "from florence2_serve.worker.settings import WorkerSettings\n"
+            "engine = noop.NoopEngine(noop.load_noop())\n"
+            "assert service.engine_name(engine) == 'noop'\n"
+            "assert service._checked_engine(engine, engine.loaded, WorkerSettings(model_name='n', model_path='noop'))"
+            "[0] is engine\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

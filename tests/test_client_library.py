@@ -232,6 +232,31 @@ def test_cancel_on_disconnect_cancels_the_job_when_the_stream_is_dropped(stack):
         assert client.get_job(job_id).state == final
 
 
+def test_cancel_on_disconnect_logs_what_the_cancel_did(stack, caplog):
+    """A dropped stream of a job that had already succeeded is not logged as a cancellation; one that was
+    running is, and the job ends CANCELLED as the log says."""
+    import logging
+
+    client = stack.client
+    with caplog.at_level(logging.DEBUG, logger="florence2_serve.server.servicer"):
+        quick = client.stub.Run(pb.RunRequest(job=job_spec(stack.image, "nop", "CAPTION", cancel_on_disconnect=True)),
+                                timeout=30)
+        done_id = next(quick).event.job_id
+        wait_for(lambda: client.get_job(done_id).state == pb.JOB_STATE_SUCCEEDED, message="the quick job done")
+        quick.cancel()
+        slow = client.stub.Run(pb.RunRequest(job=job_spec(stack.image, "nop", "CAPTION", min_new_tokens=1500,
+                                                          max_new_tokens=1500, cancel_on_disconnect=True)), timeout=30)
+        running_id = next(slow).event.job_id
+        wait_for(lambda: client.get_job(running_id).state == pb.JOB_STATE_RUNNING, message="running")
+        slow.cancel()
+        wait_for(lambda: client.get_job(running_id).state == pb.JOB_STATE_CANCELLED, timeout=20, message="cancelled")
+        wait_for(lambda: any(running_id in r.getMessage() for r in caplog.records), message="the cancel logged")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not any(done_id in line for line in lines), lines
+    assert any(running_id in line and "cancel" in line for line in lines), lines
+    assert client.get_job(done_id).state == pb.JOB_STATE_SUCCEEDED
+
+
 def test_readme_client_examples_run_as_written(valkey, front_end_factory, worker_factory):
     """The README's sync and asyncio examples, unchanged, against a stack serving a model named "base"."""
     import re

@@ -194,8 +194,9 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
     def _take_lost_jobs(self) -> None:
         """Jobs our maintenance just put back at the front of their queues (their worker was lost) are
         taken now, over the batch limit if need be, and run next: ahead of the jobs this worker had
-        already taken, which are newer than them. (A job taken by another worker meanwhile is simply
-        not there to take.)"""
+        already taken, which are newer than them. As many jobs are taken from the front of the queues
+        as were put back: if another worker took some of them first, the next queued jobs come instead,
+        the oldest ones waiting."""
         count = len(lost_jobs_requeued)
         if not count:
             return

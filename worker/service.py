@@ -49,19 +49,16 @@ def check_redis(url: str, timeout_s: float = 3.0, client_name: str | None = None
 
 
 def engine_name(engine) -> str:
-    """decode | generate | yolo | noop: what ListModels, metrics and doctor say serves."""
-    from .decoding.engine import DecodeEngine
-
-    if isinstance(engine, DecodeEngine):
+    """decode | generate | yolo | noop: what ListModels, metrics and doctor say serves (without importing
+    the decode engine, and so torch, into a worker that does not use it)."""
+    if getattr(engine, "continuous", False):
         return "decode"
     return "generate" if engine.kind == "florence2" else engine.kind
 
 
 def _checked_engine(engine, loaded, settings: WorkerSettings):
     """(engine to serve with, note): the decode engine only after it passed the start-up canary."""
-    from .decoding.engine import DecodeEngine
-
-    if not isinstance(engine, DecodeEngine) or not settings.canary:
+    if not getattr(engine, "continuous", False) or not settings.canary:
         return engine, ""
     from .canary import check_decode_engine
     from .engine import Florence2Engine
