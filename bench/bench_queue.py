@@ -185,7 +185,10 @@ def build_go_client(work: Path) -> Path:
     source = work / "src" / "loadgen"
     (source / "pb").mkdir(parents=True, exist_ok=True)
     mapping = "Mflorence2/v1/florence2.proto=loadgen/pb/florence2/v1"
-    subprocess.run(["protoc", f"-I{REPO / 'protos'}", f"--go_out={source / 'pb'}", "--go_opt=paths=source_relative",
+    import google.api.annotations_pb2 as annotations  # google/api/*.proto beside it (googleapis-common-protos)
+
+    googleapis = Path(annotations.__file__).resolve().parent.parent.parent
+    subprocess.run(["protoc", f"-I{REPO / 'protos'}", f"-I{googleapis}", f"--go_out={source / 'pb'}", "--go_opt=paths=source_relative",
                     f"--go_opt={mapping}", f"--go-grpc_out={source / 'pb'}", "--go-grpc_opt=paths=source_relative",
                     f"--go-grpc_opt={mapping}", str(REPO / "protos" / "florence2" / "v1" / "florence2.proto")],
                    check=True)

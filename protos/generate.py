@@ -15,6 +15,14 @@ PROTO_DIR = Path(__file__).resolve().parent / "florence2" / "v1"
 GENERATED = ("florence2_pb2.py", "florence2_pb2.pyi", "florence2_pb2_grpc.py")
 
 
+def googleapis_protos() -> Path:
+    """The folder holding google/api/*.proto and google/rpc/*.proto as googleapis-common-protos installs them
+    (the google.api.http annotations' source, a dependency of the package)."""
+    import google.api.annotations_pb2 as annotations
+
+    return Path(annotations.__file__).resolve().parent.parent.parent
+
+
 def generate(out_dir: Path) -> list[Path]:
     import grpc_tools
     from grpc_tools import protoc
@@ -22,7 +30,7 @@ def generate(out_dir: Path) -> list[Path]:
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
         args = [
-            "protoc", f"-Iflorence2_serve/v1={PROTO_DIR}", f"-I{well_known}",
+            "protoc", f"-Iflorence2_serve/v1={PROTO_DIR}", f"-I{well_known}", f"-I{googleapis_protos()}",
             f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}",
             str(PROTO_DIR / "florence2.proto"),
         ]

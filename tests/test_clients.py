@@ -67,7 +67,8 @@ def go_client(tmp_path_factory) -> Path:
     src.mkdir()
     proto = REPO / "protos" / "florence2" / "v1" / "florence2.proto"
     # No M flags and no paths= option: the import path comes from the proto's own go_package.
-    generated = subprocess.run(["protoc", f"-I{REPO / 'protos'}", f"--go_out={src}", f"--go-grpc_out={src}",
+    generated = subprocess.run(["protoc", f"-I{REPO / 'protos'}", f"-I{_googleapis_protos()}", f"--go_out={src}",
+                                f"--go-grpc_out={src}",
                                 str(proto)], capture_output=True, text=True)
     assert generated.returncode == 0, generated.stderr
     (src / "f2client").mkdir()

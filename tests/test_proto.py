@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "protos"))
-from generate import GENERATED, PROTO_DIR, generate  # noqa: E402
+from generate import GENERATED, PROTO_DIR, generate, googleapis_protos  # noqa: E402
 
 sys.path.pop(0)
 
@@ -63,17 +63,46 @@ def _need_buf() -> str:
 
 
 RELEASED = REPO / "protos" / "released" / "florence2-v1.binpb"
+OURS = "api/florence2/v1/florence2.proto"
 
 
-def test_buf_lint_clean():
-    result = subprocess.run([_need_buf(), "lint"], cwd=REPO / "protos", capture_output=True, text=True)
+def _workspace(root) -> "os.PathLike":
+    """protos/ as a buf workspace that needs no network: the googleapis dependency buf.yaml names comes from
+    the installed googleapis-common-protos, as a second module that is neither linted nor compared."""
+    shutil.copytree(REPO / "protos" / "florence2", root / "api" / "florence2",
+                    ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    (root / "googleapis" / "google").mkdir(parents=True)
+    shutil.copytree(googleapis_protos() / "google" / "api", root / "googleapis" / "google" / "api",
+                    ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+    config = (REPO / "protos" / "buf.yaml").read_text().split("deps:")[0]
+    rules = (REPO / "protos" / "buf.yaml").read_text().split("lint:", 1)[1]
+    (root / "buf.yaml").write_text(config + "modules:\n  - path: api\n  - path: googleapis\nlint:" + rules)
+    return root
+
+
+def _buf_run(root, *args):
+    only_ours = ["--path", OURS] if args[0] == "lint" else []  # breaking: the released image names other paths
+    return subprocess.run([_need_buf(), *args, *only_ours], cwd=root, capture_output=True, text=True)
+
+
+def test_buf_lint_clean(tmp_path):
+    result = _buf_run(_workspace(tmp_path), "lint")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_no_breaking_change_against_the_released_proto():
-    result = subprocess.run([_need_buf(), "breaking", "--against", str(RELEASED)], cwd=REPO / "protos",
-                            capture_output=True, text=True)
+def test_no_breaking_change_against_the_released_proto(tmp_path):
+    result = _buf_run(_workspace(tmp_path), "breaking", "--against", f"{RELEASED}")
     assert result.returncode == 0, "wire/API-breaking change against v1 as released:\n" + result.stdout + result.stderr
+
+
+def test_every_method_has_an_http_rule():
+    from google.api import annotations_pb2
+
+    from florence2_serve.v1 import florence2_pb2 as pb
+
+    for method in pb.DESCRIPTOR.services_by_name["Florence2Service"].methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        assert rule.WhichOneof("pattern") in ("get", "post"), method.name
 
 
 @pytest.mark.parametrize("change", [
@@ -82,11 +111,10 @@ def test_no_breaking_change_against_the_released_proto():
     ("  EVENT_TYPE_EXPIRED = 7;\n", ""),  # an enum value removed
 ])
 def test_buf_breaking_catches_a_wire_breaking_change(tmp_path, change):
-    shutil.copytree(REPO / "protos", tmp_path / "protos", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
-    proto = tmp_path / "protos" / "florence2" / "v1" / "florence2.proto"
+    root = _workspace(tmp_path)
+    proto = root / OURS
     text = proto.read_text()
     assert change[0] in text
     proto.write_text(text.replace(change[0], change[1], 1))
-    result = subprocess.run([_need_buf(), "breaking", "--against", str(RELEASED)], cwd=tmp_path / "protos",
-                            capture_output=True, text=True)
-    assert result.returncode != 0, result.stdout
+    result = _buf_run(root, "breaking", "--against", f"{RELEASED}")
+    assert result.returncode != 0 and "florence2.proto" in result.stdout, result.stdout + result.stderr

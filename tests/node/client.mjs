@@ -12,7 +12,7 @@ import protobuf from "protobufjs";
 const [address, model, imagePath, googleProtos, caPath] = process.argv.slice(2);
 const protos = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../protos");
 const definition = protoLoader.loadSync("florence2/v1/florence2.proto", {
-  includeDirs: [protos], keepCase: true, enums: String, longs: Number, defaults: true,
+  includeDirs: [protos, googleProtos], keepCase: true, enums: String, longs: Number, defaults: true,
 });
 const { Florence2Service } = grpc.loadPackageDefinition(definition).florence2.v1;
 const credentials = caPath ? grpc.credentials.createSsl(readFileSync(caPath)) : grpc.credentials.createInsecure();

@@ -37,6 +37,12 @@ class Florence2ServiceStub:
     NO_LIVE_WORKER or IMAGE_TOO_LARGE), plus google.rpc.BadRequest field violations for bad
     arguments and google.rpc.RetryInfo on UNAVAILABLE. A failed job's terminal event carries the same
     reasons in JobError. The README lists every reason.
+
+    HTTP/JSON: the google.api.http rules below map each method to a path on the front end's HTTP port
+    (protobuf's canonical JSON mapping; Run and Watch stream Server-Sent Events whose ids are event
+    ids; errors are google.rpc.Status JSON with the HTTP status of the gRPC code). Submit and Run also
+    take multipart/form-data with the image as a file part. GetJob by request_id is
+    GET /v1/jobs:lookup?request_id=...; Watch's after_event_id is a query parameter or Last-Event-ID.
     """
 
     def __init__(self, channel):
@@ -89,6 +95,12 @@ class Florence2ServiceServicer:
     NO_LIVE_WORKER or IMAGE_TOO_LARGE), plus google.rpc.BadRequest field violations for bad
     arguments and google.rpc.RetryInfo on UNAVAILABLE. A failed job's terminal event carries the same
     reasons in JobError. The README lists every reason.
+
+    HTTP/JSON: the google.api.http rules below map each method to a path on the front end's HTTP port
+    (protobuf's canonical JSON mapping; Run and Watch stream Server-Sent Events whose ids are event
+    ids; errors are google.rpc.Status JSON with the HTTP status of the gRPC code). Submit and Run also
+    take multipart/form-data with the image as a file part. GetJob by request_id is
+    GET /v1/jobs:lookup?request_id=...; Watch's after_event_id is a query parameter or Last-Event-ID.
     """
 
     def Submit(self, request, context):
@@ -190,6 +202,12 @@ class Florence2Service:
     NO_LIVE_WORKER or IMAGE_TOO_LARGE), plus google.rpc.BadRequest field violations for bad
     arguments and google.rpc.RetryInfo on UNAVAILABLE. A failed job's terminal event carries the same
     reasons in JobError. The README lists every reason.
+
+    HTTP/JSON: the google.api.http rules below map each method to a path on the front end's HTTP port
+    (protobuf's canonical JSON mapping; Run and Watch stream Server-Sent Events whose ids are event
+    ids; errors are google.rpc.Status JSON with the HTTP status of the gRPC code). Submit and Run also
+    take multipart/form-data with the image as a file part. GetJob by request_id is
+    GET /v1/jobs:lookup?request_id=...; Watch's after_event_id is a query parameter or Last-Event-ID.
     """
 
     @staticmethod
