@@ -208,9 +208,37 @@ def _server_options(function):
                      help="Serve Prometheus metrics on this port (env FLORENCE2_METRICS_PORT; default off)."),
         click.option("--metrics-host", default=None,
                      help="Host the metrics listener binds (env FLORENCE2_METRICS_HOST; default: the gRPC host)."),
+        click.option("--http-port", type=click.IntRange(0, 65535), default=None,
+                     help="Serve HTTP/JSON, the event streams as SSE, and the playground page on this port "
+                          "(env FLORENCE2_HTTP_PORT; default 8080, or a free port when --address's port is 0)."),
+        click.option("--no-http", is_flag=True, default=False, help="Serve gRPC only."),
+        click.option("--http-host", default=None,
+                     help="Host the HTTP listener binds (env FLORENCE2_HTTP_HOST; default: the gRPC host)."),
+        click.option("--http-cors-origin", "http_cors_origins", multiple=True,
+                     help="Let pages from this origin call the HTTP API (repeatable, or *; env "
+                          "FLORENCE2_HTTP_CORS_ORIGINS, comma-separated; default none)."),
+        click.option("--http-read-timeout", "http_read_timeout_s", type=float, default=None,
+                     help="Seconds an HTTP request body may take to arrive (env FLORENCE2_HTTP_READ_TIMEOUT; "
+                          "default 60)."),
     ]):
         function = option(function)
     return function
+
+
+def _http_choice(options: dict, address: str | None) -> dict:
+    """The HTTP port the flags ask for: --no-http off, else the flag, the environment, or the default (8080;
+    a free port when the gRPC port is 0, so test and second stacks never collide on it)."""
+    import os
+
+    origins = options.pop("http_cors_origins", ())
+    if origins:
+        options["http_cors_origins"] = ",".join(origins)
+    if options.pop("no_http", False):
+        options["http_port"] = -1
+    elif options.get("http_port") is None and not os.environ.get("FLORENCE2_HTTP_PORT"):
+        grpc_port = (address or os.environ.get("FLORENCE2_ADDRESS") or "127.0.0.1:50051").rpartition(":")[2]
+        options["http_port"] = 0 if grpc_port == "0" else 8080
+    return options
 
 
 @cli.command()
@@ -229,8 +257,13 @@ def serve(redis_url, **options):
 
     setup_tracing("florence2-frontend")
     try:
-        settings = ServerSettings.from_env(redis_url=redis_url, **options)
-        asyncio.run(serve_forever(settings, ready=lambda port: click.echo(f"listening on port {port}", err=True)))
+        settings = ServerSettings.from_env(redis_url=redis_url, **_http_choice(options, options.get("address")))
+
+        def ready(front_end):
+            http = f"; HTTP at {front_end.http_url}" if front_end.http_url else ""
+            click.echo(f"listening on port {front_end.port}{http}", err=True)
+
+        asyncio.run(serve_forever(settings, ready=ready))
     except (AddressInUse, RedisUnreachable, ValueError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
@@ -300,7 +333,7 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
         models=list(models), workers=workers, redis_url=redis_url or None,
         data_dir=None if in_memory or redis_url else (data_dir or default_data_dir()), redis_maxmemory=redis_maxmemory,
         address=address or "127.0.0.1:50051", worker_args=worker_args,
-        server_settings={k: v for k, v in server_options.items() if v is not None},
+        server_settings={k: v for k, v in _http_choice(server_options, address).items() if v is not None},
     )
     from florence2_serve.common.tracing import setup_tracing
 
@@ -321,9 +354,13 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
         stack_ref.append(stack)
         with stack:
             names = ", ".join(name for name, _ in stack.specs)
-            click.echo(f"florence2 serving {names} at {stack.address} (redis {stack.redis_url}); Ctrl-C stops", err=True)
+            http = stack.http_url
+            click.echo(f"florence2 serving {names} at {stack.address}{f' and {http}' if http else ''} "
+                       f"(redis {stack.redis_url}); Ctrl-C stops", err=True)
             board = _start_dashboard(stack.redis_url) if dashboard else None
             click.echo(stack.address)
+            if http:
+                click.echo(http)
             try:
                 while not stop.wait(0.5):
                     pass

@@ -38,6 +38,9 @@ class Reason(str, Enum):
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"  # UNAVAILABLE: Redis unreachable
     UNAUTHENTICATED = "UNAUTHENTICATED"  # UNAUTHENTICATED
     MALFORMED_REQUEST = "MALFORMED_REQUEST"  # INVALID_ARGUMENT: the body is not the method's protobuf message
+    UPLOAD_TOO_SLOW = "UPLOAD_TOO_SLOW"  # DEADLINE_EXCEEDED: an HTTP body slower than the read limit
+    NO_SUCH_METHOD = "NO_SUCH_METHOD"  # NOT_FOUND (HTTP 404) / UNIMPLEMENTED (HTTP 405): no such path or verb
+    ORIGIN_NOT_ALLOWED = "ORIGIN_NOT_ALLOWED"  # PERMISSION_DENIED: a CORS preflight from an origin not allowed
     INTERNAL = "INTERNAL"  # INTERNAL
     # How a job ended (JobError only)
     INFERENCE_FAILED = "INFERENCE_FAILED"

@@ -58,6 +58,15 @@ class AcceptedTokens:
         except OSError:
             log.warning("token file %s is unreadable; keeping the tokens read before", self.file)
 
+    def accepts(self, authorization: str) -> bool:
+        """Does an `authorization` value (`Bearer <token>`) carry a token accepted now?"""
+        scheme, _, credentials = str(authorization).strip().partition(" ")
+        # The scheme is case-insensitive (RFC 9110 §11.1); the token is compared exactly.
+        given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare with every token (no early exit): the time taken says nothing about which matched.
+        matched = [bool(given) and hmac.compare_digest(given, expected) for expected in self.current()]
+        return any(matched)
+
     def current(self) -> list[bytes]:
         now = time.monotonic()
         if self.file is not None and now - self._checked >= self.CHECK_S:
@@ -84,12 +93,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_METHODS):
             return await continuation(handler_call_details)
         metadata = dict(handler_call_details.invocation_metadata or ())
-        scheme, _, credentials = str(metadata.get("authorization", "")).strip().partition(" ")
-        # The scheme is case-insensitive (RFC 9110 §11.1); the token is compared exactly.
-        given = credentials.strip().encode() if scheme.lower() == "bearer" else b""
-        # Compare with every token (no early exit): the time taken says nothing about which matched.
-        matched = [bool(given) and hmac.compare_digest(given, expected) for expected in self.tokens.current()]
-        if any(matched):
+        if self.tokens.accepts(metadata.get("authorization", "")):
             return await continuation(handler_call_details)
         streaming = method.endswith(("/Run", "/Watch"))
         return self.deny_stream if streaming else self.deny_unary
@@ -105,6 +109,17 @@ class FrontEnd:
         self._model_names: set[str] = set()
         self._collector = None
         self.servicer = None
+        self.http = None  # server/http_api.HttpApi when the settings give an HTTP port
+        self.http_port = 0
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP port's base URL (the playground is at its root); None without one."""
+        if self.http is None:
+            return None
+        host = self.settings.http_bind_host
+        host = "127.0.0.1" if host in ("", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
+        return f"{'https' if self.settings.tls_cert else 'http'}://{host}:{self.http_port}"
 
     async def start(self) -> None:
         if self.settings.metrics_port:
@@ -120,9 +135,17 @@ class FrontEnd:
             self._collector = register_queue_collector(self.settings.redis_url)
         await self.store.start()
         await self.server.start()
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start(self.settings.http_bind_host, self.settings.http_port)
+            except AddressInUse:
+                await self.server.stop(None)
+                await self.store.close()
+                raise
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop())
-        log.info("front end listening on port %d (redis %s)", self.port, self.settings.redis_url)
+        log.info("front end listening on port %d%s (redis %s)", self.port,
+                 f", HTTP on port {self.http_port}" if self.http is not None else "", self.settings.redis_url)
 
     async def _update_health(self) -> None:
         """The server and service names follow Redis; each model name follows its live workers."""
@@ -157,7 +180,10 @@ class FrontEnd:
         if self.servicer is not None:
             self.servicer.stopping = True  # streams ended by our shutdown are no client's disconnect
         await self.health_servicer.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        if self.http is not None:
+            await asyncio.gather(self.server.stop(grace), self.http.stop())
+        else:
+            await self.server.stop(grace)
         await self.store.close()
         if self._collector is not None:
             from prometheus_client import REGISTRY
@@ -175,7 +201,8 @@ class RedisUnreachable(RuntimeError):
 
 def create_server(settings: ServerSettings, address: str | None = None) -> tuple[FrontEnd, int]:
     """Build (not start) the front end bound to `address` (port 0 picks a free port)."""
-    interceptors = [TokenAuth(AcceptedTokens(settings.token, settings.token_file))] if settings.auth_enabled else []
+    tokens = AcceptedTokens(settings.token, settings.token_file) if settings.auth_enabled else None
+    interceptors = [TokenAuth(tokens)] if tokens is not None else []
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
@@ -205,6 +232,10 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
         raise AddressInUse(f"cannot listen on {bind}: the port is in use or the address is not available")
     front_end = FrontEnd(server, port, store, health_servicer, settings)
     front_end.servicer = servicer
+    if settings.http_port >= 0:
+        from .http_api import HttpApi
+
+        front_end.http = HttpApi(servicer, settings, tokens)
     return front_end, port
 
 
@@ -261,7 +292,7 @@ async def serve(settings: ServerSettings, ready=None) -> None:
     front_end, port = create_server(settings)
     await front_end.start()
     if ready is not None:
-        ready(port)
+        ready(front_end)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -29,6 +29,10 @@ class ServiceError(Exception):
         self.metadata = {key: str(value) for key, value in (metadata or {}).items()}
 
     def to_status(self) -> grpc.Status:
+        return rpc_status.to_status(self.to_rpc_status())
+
+    def to_rpc_status(self) -> status_pb2.Status:
+        """The google.rpc.Status message itself (what HTTP answers carry as JSON)."""
         details = [error_details_pb2.ErrorInfo(reason=self.reason.value, domain=DOMAIN, metadata=self.metadata)]
         if self.violations:
             details.append(error_details_pb2.BadRequest(field_violations=[
@@ -43,7 +47,7 @@ class ServiceError(Exception):
             holder = any_pb2.Any()
             holder.Pack(detail)
             packed.append(holder)
-        return rpc_status.to_status(status_pb2.Status(code=self.code.value[0], message=self.message, details=packed))
+        return status_pb2.Status(code=self.code.value[0], message=self.message, details=packed)
 
     async def abort(self, context) -> None:
         status = self.to_status()

