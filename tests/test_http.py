@@ -401,3 +401,24 @@ def test_serve_prints_both_addresses_and_refuses_a_busy_http_port(stack, tmp_pat
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_dropped_run_stream_cancels_its_job_only_when_asked(stack):
+    def run_and_drop(cancel: str) -> str:
+        with CAR.open("rb") as image:
+            response = requests.post(f"{stack.base}/v1/jobs:run", files={"image": image}, stream=True, timeout=30,
+                                     data={"model": "nop", "task": "OD", "min_new_tokens": "1000",
+                                           "max_new_tokens": "1000", "cancel_on_disconnect": cancel})
+        first = next(line for line in response.iter_lines(decode_unicode=True) if line.startswith("data: "))
+        response.close()  # the client goes away while its job runs
+        return json.loads(first[len("data: "):])["event"]["jobId"]
+
+    from florence2_serve.v1 import florence2_pb2 as pb
+
+    dropped, kept = run_and_drop("true"), run_and_drop("false")
+    deadline = time.monotonic() + 15
+    while stack.client.get_job(dropped).state != pb.JOB_STATE_CANCELLED and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert stack.client.get_job(dropped).state == pb.JOB_STATE_CANCELLED
+    events = list(stack.client.watch(kept))  # the other runs on, and Watch resumes it
+    assert events[-1].type == pb.EVENT_TYPE_DONE

@@ -42,6 +42,7 @@ class Up:
         self.address = self.process.stdout.readline().strip()
         if not self.address:
             raise AssertionError(self.process.stderr.read())
+        self.http = self.process.stdout.readline().strip()  # the HTTP port's URL (a free port, as gRPC's)
 
     def ctrl_c(self) -> None:
         os.killpg(self.process.pid, signal.SIGINT)  # what a terminal sends to its foreground group
@@ -57,6 +58,11 @@ class Up:
 
 def test_ctrl_c_on_a_busy_up_drains_workers_before_front_end_and_redis(tmp_path):
     up = Up("--model", "busy=noop", "--kind", "noop", "--workers", "2", "--batch-size", "1", "--in-memory")
+    import requests
+
+    assert up.http.startswith("http://127.0.0.1:") and up.http.rsplit(":", 1)[1] != "8080"
+    (model,) = requests.get(f"{up.http}/v1/models", timeout=10).json()["models"]
+    assert model["name"] == "busy" and model["liveWorkers"] == 2
     with Florence2Client(up.address, timeout=30) as client:
         png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
         running = [client.submit(job_spec(png, "busy", "CAPTION", **hold(1500))).job_id for _ in range(2)]
