@@ -246,10 +246,17 @@ def test_keda_scaled_object_validates_and_points_at_the_workers_queue():
         jsonschema.validate(broken, schema)
 
 
-def test_kubernetes_front_end_probes_grpc_health_and_workers_request_a_gpu():
+def test_kubernetes_front_end_probes_http_health_and_workers_request_a_gpu():
     docs = {(d["kind"], d["metadata"]["name"]): d for d in _manifests()}
     front = docs[("Deployment", "florence2-frontend")]["spec"]["template"]["spec"]["containers"][0]
-    assert front["readinessProbe"]["grpc"]["port"] == 50051 and front["livenessProbe"]["grpc"]["port"] == 50051
+    # liveness is the process (a Redis outage must not restart front ends), readiness is Redis
+    assert front["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert front["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    ports = {p["name"]: p["containerPort"] for p in front["ports"]}
+    env = {e["name"]: e["value"] for e in front["env"]}
+    assert ports["http"] == int(env["FLORENCE2_HTTP_PORT"]) == 8080
+    service = docs[("Service", "florence2-frontend")]["spec"]["ports"]
+    assert {"name": "http", "port": 8080, "targetPort": 8080, "appProtocol": "http"} in service
     worker = docs[("Deployment", "florence2-worker-base")]["spec"]["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
     worker_help = CliRunner().invoke(cli, ["worker", "--help"]).output
