@@ -1,11 +1,14 @@
 """Queue benchmark: the job core alone (front end -> rq -> batching workers -> event stream -> client).
 
-    python bench/bench_queue.py [--jobs 6000] [--clients 64] [--workers 2] [--batch-size 32]
+    python bench/bench_queue.py [--jobs 6000] [--clients 64] [--workers 2] [--batch-size 32] [--protocol both]
 
 Runs an embedded valkey-server, `florence2 serve` and W `florence2 worker --kind noop` processes
 (an engine that does no inference), then drives Run RPCs from C concurrent clients in a separate
 client process (the Python asyncio client by default; `--client go` builds and uses a Go client
-when Go and its gRPC packages are installed). CPU per job is read from /proc/PID/stat of every
+when Go and its gRPC packages are installed; `--protocol http` drives the HTTP port's `POST /v1/jobs:run`
+with multipart uploads and reads its Server-Sent Events with aiohttp's client; `--protocol both` measures
+gRPC Run, then HTTP, on the same stack in the same run, and prints the front end's CPU per job of each and
+their ratio). CPU per job is read from /proc/PID/stat of every
 process before and after the measured run. The last line reads
 `queue: N jobs/s, CPU ms/job front end F, worker W, redis R` (W: all workers together; the line before
 gives each process, the client included).
@@ -53,11 +56,16 @@ def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
 
 
 def wait_for_port(log: Path, process: subprocess.Popen, timeout: float = 60) -> int:
+    return wait_for_ports(log, process, timeout)[0]
+
+
+def wait_for_ports(log: Path, process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    """(the gRPC port, the HTTP URL) from `florence2 serve`'s "listening on port N; HTTP at URL" line."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = re.search(r"listening on port (\d+)", log.read_text(errors="replace"))
+        found = re.search(r"^listening on port (\d+)(?:; HTTP at (\S+))?", log.read_text(errors="replace"), re.M)
         if found:
-            return int(found.group(1))
+            return int(found.group(1)), found.group(2) or ""
         if process.poll() is not None:
             raise RuntimeError(log.read_text())
         time.sleep(0.05)
@@ -102,6 +110,39 @@ async def python_client(address: str, model: str, jobs: int, clients: int, image
                 started = time.perf_counter()
                 events = [e async for e in client.run(job_spec(image, model, "CAPTION"))]
                 assert events[-1].type == 4, events[-1]  # EVENT_TYPE_DONE
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*[one() for _ in range(clients)])
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"jobs": jobs, "seconds": elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000}
+
+
+async def http_client(base: str, model: str, jobs: int, clients: int, image: bytes) -> dict:
+    """POST /v1/jobs:run (multipart) per job, reading the SSE stream until the job's DONE event."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        left = [jobs]
+        latencies: list[float] = []
+
+        async def one() -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                started = time.perf_counter()
+                form = aiohttp.FormData()
+                form.add_field("image", image, filename="tiny.png", content_type="image/png")
+                form.add_field("model", model)
+                form.add_field("task", "CAPTION")
+                last = None
+                async with session.post("/v1/jobs:run", data=form) as response:
+                    assert response.status == 200, await response.text()
+                    async for line in response.content:
+                        if line.startswith(b"data: "):
+                            last = line
+                assert last is not None and b'"EVENT_TYPE_DONE"' in last, last
                 latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
@@ -291,6 +332,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--client", choices=["python", "go"], default="python")
+    parser.add_argument("--protocol", choices=["grpc", "http", "both"], default="grpc",
+                        help="What the clients speak: gRPC Run, HTTP POST /v1/jobs:run (SSE), or both in turn.")
     parser.add_argument("--drain-jobs", type=int, default=8000,
                         help="Then queue this many jobs with the workers paused and time the drain (full batches).")
     parser.add_argument("--profile", action="store_true",
@@ -302,7 +345,8 @@ def main() -> None:
     if args.as_client:
         address, model, jobs, clients, image_path = args.as_client
         before = time.process_time()
-        report = asyncio.run(python_client(address, model, int(jobs), int(clients), Path(image_path).read_bytes()))
+        drive_with = http_client if address.startswith("http") else python_client
+        report = asyncio.run(drive_with(address, model, int(jobs), int(clients), Path(image_path).read_bytes()))
         report["cpu_s"] = time.process_time() - before
         print(json.dumps(report))
         return
@@ -327,9 +371,15 @@ def main() -> None:
                       "--batch-size", str(args.batch_size)], env, OUT / f"queue-{worker_id}.log")
                for worker_id in worker_ids]
     try:
-        address = f"127.0.0.1:{wait_for_port(OUT / 'queue-front.log', front)}"
+        grpc_port, http_url = wait_for_ports(OUT / "queue-front.log", front)
+        address = http_url if args.protocol == "http" else f"127.0.0.1:{grpc_port}"
         wait_for_workers(url, worker_ids)
         drive(args.client, address, "nop", args.warmup, args.clients, image_path, go_binary)
+        if args.protocol == "both":  # HTTP measured first, beside the gRPC run that follows
+            drive(args.client, http_url, "nop", args.warmup, args.clients, image_path, go_binary)
+            before_http = cpu_seconds(front.pid)
+            http_report, _ = drive(args.client, http_url, "nop", args.jobs, args.clients, image_path, go_binary)
+            http_front_ms = (cpu_seconds(front.pid) - before_http) * 1000 / http_report["jobs"]
         pids = {"front end": front.pid, "redis": redis_pid, **{w: p.pid for w, p in zip(worker_ids, workers)}}
         spies = [profile(pid, OUT / f"profile-{name.replace(' ', '-')}.raw")
                  for name, pid in (("front end", front.pid), (worker_ids[0], workers[0].pid))] if args.profile else []
@@ -362,6 +412,7 @@ def main() -> None:
     result = {
         "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(),
         "grpcio": grpc.__version__, "rq": rq.__version__, "cpus": os.cpu_count(), "client": args.client,
+        "protocol": args.protocol,
         "clients": args.clients, "workers": args.workers, "batch_size": args.batch_size, "jobs": jobs,
         "jobs_per_s": rate, "p50_ms": report["p50_ms"], "mean_batch": batches, "cpu_ms_per_job": {**per_job, "client": client_cpu * 1000 / jobs},
     }
@@ -372,6 +423,10 @@ def main() -> None:
         name.removeprefix("cmdstat_"): round(stats["calls"] / jobs, 2)
         for name, stats in sorted(command_stats.items(), key=lambda item: -item[1]["calls"])[:12]}
     result["drain"] = drained
+    if args.protocol == "both":
+        result["http"] = {"jobs_per_s": http_report["jobs"] / http_report["seconds"], "p50_ms": http_report["p50_ms"],
+                          "front_end_cpu_ms_per_job": http_front_ms,
+                          "front_end_cpu_ratio_http_to_grpc": http_front_ms / per_job["front end"]}
     (OUT / "queue.json").write_text(json.dumps(result, indent=2))
     if args.profile:
         for raw in sorted(OUT.glob("profile-*.raw")):
@@ -386,8 +441,12 @@ def main() -> None:
     print("per process, CPU ms/job: " + ", ".join(f"{name} {per_job[name]:.3f}" for name in pids)
           + f", client {client_cpu * 1000 / jobs:.3f}; p50 {report['p50_ms']:.1f} ms; "
           f"mean batch {statistics.mean(batches.values()):.1f}")
+    if args.protocol == "both":
+        http = result["http"]
+        print(f"http: {http['jobs_per_s']:.0f} jobs/s, p50 {http['p50_ms']:.1f} ms, CPU ms/job front end "
+              f"{http['front_end_cpu_ms_per_job']:.3f} = {http['front_end_cpu_ratio_http_to_grpc']:.2f}x gRPC Run's")
     print(f"queue: {rate:.0f} jobs/s, CPU ms/job front end {per_job['front end']:.3f}, worker {worker_ms:.3f}, "
-          f"redis {per_job['redis']:.3f}")
+          f"redis {per_job['redis']:.3f}{' (HTTP)' if args.protocol == 'http' else ''}")
 
 
 if __name__ == "__main__":

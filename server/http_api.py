@@ -167,7 +167,9 @@ class HttpApi:
     async def _request_message(self, binding: Binding, request: web.Request):
         message = getattr(pb, binding.method.input_type.name)()
         if binding.body == "job":
-            if request.content_type == "multipart/form-data":
+            # the media type alone (aiohttp's request.content_type parses every parameter with the email package)
+            media_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+            if media_type == "multipart/form-data":
                 message.job.CopyFrom(await http_requests.form_job(request, self.limits))
             else:  # JSON, whatever the client labelled it (curl -d says x-www-form-urlencoded)
                 message.job.CopyFrom(http_requests.job_from_json(await http_requests.json_body(request, self.limits)))
@@ -199,16 +201,25 @@ class HttpApi:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                    "X-Accel-Buffering": "no"})
             await response.prepare(request)
-            message = first
+            ready = [_sse(first)]
             try:
-                while message is not None:
-                    await response.write(_sse(message))
+                while ready:
                     pending = asyncio.ensure_future(anext(events, None))
-                    while not (await asyncio.wait({pending}, timeout=self.settings.http_keepalive_s))[0]:
-                        await response.write(b": keep-alive\n\n")
+                    await asyncio.sleep(0)  # an event already delivered to this stream arrives in this one step
+                    if not pending.done():  # the events that came together leave in one write (one syscall)
+                        await response.write(b"".join(ready))
+                        ready.clear()
+                        while not (await asyncio.wait({pending}, timeout=self.settings.http_keepalive_s))[0]:
+                            await response.write(b": keep-alive\n\n")
                     message = pending.result()
+                    if message is None:
+                        break
+                    ready.append(_sse(message))
+                if ready:
+                    await response.write(b"".join(ready))
             except HttpAbort as abort:
-                await response.write(f"event: error\ndata: {status_json(abort.status)}\n\n".encode())
+                ready.append(f"event: error\ndata: {status_json(abort.status)}\n\n".encode())
+                await response.write(b"".join(ready))
             return response
         finally:
             if not pending.done():  # the client went away mid-wait: the stream ends as a dropped gRPC call would

@@ -124,7 +124,7 @@ async def _read_form(request, limits: BodyLimits) -> tuple[dict, bytes | None]:
             raise _malformed("the multipart/form-data body is malformed") from None
         if part is None:
             break
-        name = part.name or ""
+        name = _part_name(part)
         if name == "image":
             if image is not None:
                 raise invalid("job.image", "give one image part")
@@ -148,6 +148,17 @@ async def _read_form(request, limits: BodyLimits) -> tuple[dict, bytes | None]:
     for name, text in fields:  # the per-field parts override the job part
         _set_form_field(data, name, text)
     return data, image
+
+
+_PLAIN_NAME = re.compile(r';\s*name="([^"\\]*)"')
+
+
+def _part_name(part) -> str:
+    """A part's form name. aiohttp's `part.name` re-parses the header in full (about a tenth of an HTTP job's
+    front-end CPU); a plain quoted name is read here, anything else left to it."""
+    header = part.headers.get("Content-Disposition", "")
+    plain = _PLAIN_NAME.search(header)
+    return plain.group(1) if plain and "*=" not in header else (part.name or "")
 
 
 def _set_form_field(data: dict, name: str, text: str) -> None:
