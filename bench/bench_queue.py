@@ -97,26 +97,34 @@ def stop(process: subprocess.Popen) -> None:
 
 # -- clients (run in their own process) -----------------------------------------------------------
 
+async def _load(one_job, jobs: int, clients: int) -> dict:
+    """`clients` loops taking jobs until `jobs` ran; one_job() runs one. Throughput and p50 latency."""
+    left = [jobs]
+    latencies: list[float] = []
+
+    async def loop() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            started = time.perf_counter()
+            await one_job()
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*[loop() for _ in range(clients)])
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"jobs": jobs, "seconds": elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000}
+
+
 async def python_client(address: str, model: str, jobs: int, clients: int, image: bytes) -> dict:
     from florence2_serve.client import AsyncFlorence2Client, job_spec
 
     async with AsyncFlorence2Client(address, timeout=120) as client:
-        left = [jobs]
-        latencies: list[float] = []
-
         async def one() -> None:
-            while left[0] > 0:
-                left[0] -= 1
-                started = time.perf_counter()
-                events = [e async for e in client.run(job_spec(image, model, "CAPTION"))]
-                assert events[-1].type == 4, events[-1]  # EVENT_TYPE_DONE
-                latencies.append(time.perf_counter() - started)
+            events = [e async for e in client.run(job_spec(image, model, "CAPTION"))]
+            assert events[-1].type == 4, events[-1]  # EVENT_TYPE_DONE
 
-        started = time.perf_counter()
-        await asyncio.gather(*[one() for _ in range(clients)])
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"jobs": jobs, "seconds": elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000}
+        return await _load(one, jobs, clients)
 
 
 async def http_client(base: str, model: str, jobs: int, clients: int, image: bytes) -> dict:
@@ -125,31 +133,20 @@ async def http_client(base: str, model: str, jobs: int, clients: int, image: byt
 
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        left = [jobs]
-        latencies: list[float] = []
-
         async def one() -> None:
-            while left[0] > 0:
-                left[0] -= 1
-                started = time.perf_counter()
-                form = aiohttp.FormData()
-                form.add_field("image", image, filename="tiny.png", content_type="image/png")
-                form.add_field("model", model)
-                form.add_field("task", "CAPTION")
-                last = None
-                async with session.post("/v1/jobs:run", data=form) as response:
-                    assert response.status == 200, await response.text()
-                    async for line in response.content:
-                        if line.startswith(b"data: "):
-                            last = line
-                assert last is not None and b'"EVENT_TYPE_DONE"' in last, last
-                latencies.append(time.perf_counter() - started)
+            form = aiohttp.FormData()
+            form.add_field("image", image, filename="tiny.png", content_type="image/png")
+            form.add_field("model", model)
+            form.add_field("task", "CAPTION")
+            last = None
+            async with session.post("/v1/jobs:run", data=form) as response:
+                assert response.status == 200, await response.text()
+                async for line in response.content:
+                    if line.startswith(b"data: "):
+                        last = line
+            assert last is not None and b'"EVENT_TYPE_DONE"' in last, last
 
-        started = time.perf_counter()
-        await asyncio.gather(*[one() for _ in range(clients)])
-        elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"jobs": jobs, "seconds": elapsed, "p50_ms": latencies[len(latencies) // 2] * 1000}
+        return await _load(one, jobs, clients)
 
 
 GO_CLIENT = r'''

@@ -14,6 +14,7 @@ import requests
 
 from conftest import REPO, unused_port
 from service_helpers import WorkerProcess, start_front_end
+from test_security import pki  # noqa: F401 - the CA and server certificate fixture
 
 CAR = REPO / "examples" / "car.jpg"
 EVENTS = ["EVENT_TYPE_QUEUED", "EVENT_TYPE_STARTED", "EVENT_TYPE_RESULT", "EVENT_TYPE_DONE"]
@@ -324,22 +325,13 @@ def test_cors_is_off_by_default_and_allows_only_the_configured_origins(stack):
         front.stop()
 
 
-def test_https_with_the_grpc_certificate(stack, tmp_path):
-    from cryptography.hazmat.primitives import serialization
-
-    from test_security import _cert, _key, _pem_key
-
-    ca_key, server_key = _key(), _key()
-    ca = _cert("test CA", ca_key, ca=True)
-    server = _cert("server", server_key, ca, ca_key, server=True)
-    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "server.key").write_bytes(_pem_key(server_key))
-    front = start_front_end(stack.url, tls_cert=str(tmp_path / "server.pem"), tls_key=str(tmp_path / "server.key"))
+def test_https_with_the_grpc_certificate(stack, pki):
+    cert, key = pki["server"]
+    front = start_front_end(stack.url, tls_cert=str(cert), tls_key=str(key))
     try:
         assert front.front_end.http_url.startswith("https://")
         url = f"https://localhost:{front.front_end.http_port}/v1/models"
-        assert requests.get(url, verify=str(tmp_path / "ca.pem"), timeout=10).json()["models"][0]["name"] == "nop"
+        assert requests.get(url, verify=str(pki["ca"]), timeout=10).json()["models"][0]["name"] == "nop"
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(url.replace("https", "http"), timeout=10)
     finally:

@@ -61,9 +61,18 @@ def _choose(browser, element_id: str, value: str) -> None:
     Select(browser.find_element("id", element_id)).select_by_value(value)
 
 
-def _no_page_errors(browser) -> None:
+def _finish(browser, screenshot: str) -> None:
+    """Save the page as an artifact and check it logged no error."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / screenshot))
     severe = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not severe, severe
+
+
+def _run_until_done(browser, wait) -> None:
+    wait.until(lambda b: b.find_element("id", "run").is_enabled())
+    browser.find_element("id", "run").click()
+    wait.until(lambda b: "DONE" in [li.get_attribute("data-type") for li in b.find_elements("css selector", "#events li")])
 
 
 def test_detect_objects_in_the_browser(browser, service):
@@ -73,9 +82,7 @@ def test_detect_objects_in_the_browser(browser, service):
     assert not browser.find_element("id", "text-row").is_displayed()  # OD takes neither text nor a region
     assert not browser.find_element("id", "region-row").is_displayed()
     browser.find_element("id", "file").send_keys(str(CAR))
-    wait.until(lambda b: b.find_element("id", "run").is_enabled())
-    browser.find_element("id", "run").click()
-    wait.until(lambda b: "DONE" in [li.get_attribute("data-type") for li in b.find_elements("css selector", "#events li")])
+    _run_until_done(browser, wait)
     labels = json.loads(browser.find_element("id", "caption").get_attribute("data-labels"))
     assert labels == TAUGHT_LABELS
     kinds = [li.get_attribute("data-type") for li in browser.find_elements("css selector", "#events li")]
@@ -87,9 +94,7 @@ def test_detect_objects_in_the_browser(browser, service):
     assert 'client.detect("car.jpg", "tiny", "OD")' in browser.find_element("id", "python").text
     browser.find_element("id", "copy").click()
     wait.until(lambda b: b.find_element("id", "status").text == "result JSON copied")
-    ARTIFACTS.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "playground-od.png"))
-    _no_page_errors(browser)
+    _finish(browser, "playground-od.png")
 
 
 def test_a_region_task_takes_the_region_drawn_with_the_mouse(browser, service):
@@ -111,15 +116,11 @@ def test_a_region_task_takes_the_region_drawn_with_the_mouse(browser, service):
      .move_by_offset(563 / scale, 212 / scale).release().perform())
     region = [int(v) for v in browser.find_element("id", "region").text.split(", ")]
     assert region == pytest.approx([34, 160, 597, 372], abs=4)
-    wait.until(lambda b: b.find_element("id", "run").is_enabled())
-    browser.find_element("id", "run").click()
-    wait.until(lambda b: "DONE" in [li.get_attribute("data-type") for li in b.find_elements("css selector", "#events li")])
+    _run_until_done(browser, wait)
     assert f"-F region={','.join(map(str, region))}" in browser.find_element("id", "curl").text
     result = json.loads(browser.find_element("id", "json").text)
     assert result["task"] == "TASK_TYPE_REGION_TO_CATEGORY"
-    ARTIFACTS.mkdir(exist_ok=True)
-    assert browser.save_screenshot(str(ARTIFACTS / "playground-region.png"))
-    _no_page_errors(browser)
+    _finish(browser, "playground-region.png")
 
 
 def test_errors_reach_the_page_as_their_reason(browser, service):
