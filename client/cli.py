@@ -225,19 +225,13 @@ def _server_options(function):
     return function
 
 
-def _http_choice(options: dict, address: str | None) -> dict:
-    """The HTTP port the flags ask for: --no-http off, else the flag, the environment, or the default (8080;
-    a free port when the gRPC port is 0, so test and second stacks never collide on it)."""
-    import os
-
+def _http_choice(options: dict) -> dict:
+    """The HTTP flags as settings: --no-http is port -1; several --http-cors-origin one comma-separated value."""
     origins = options.pop("http_cors_origins", ())
     if origins:
         options["http_cors_origins"] = ",".join(origins)
     if options.pop("no_http", False):
         options["http_port"] = -1
-    elif options.get("http_port") is None and not os.environ.get("FLORENCE2_HTTP_PORT"):
-        grpc_port = (address or os.environ.get("FLORENCE2_ADDRESS") or "127.0.0.1:50051").rpartition(":")[2]
-        options["http_port"] = 0 if grpc_port == "0" else 8080
     return options
 
 
@@ -257,7 +251,7 @@ def serve(redis_url, **options):
 
     setup_tracing("florence2-frontend")
     try:
-        settings = ServerSettings.from_env(redis_url=redis_url, **_http_choice(options, options.get("address")))
+        settings = ServerSettings.from_env(redis_url=redis_url, **_http_choice(options))
 
         def ready(front_end):
             http = f"; HTTP at {front_end.http_url}" if front_end.http_url else ""
@@ -333,7 +327,7 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
         models=list(models), workers=workers, redis_url=redis_url or None,
         data_dir=None if in_memory or redis_url else (data_dir or default_data_dir()), redis_maxmemory=redis_maxmemory,
         address=address or "127.0.0.1:50051", worker_args=worker_args,
-        server_settings={k: v for k, v in _http_choice(server_options, address).items() if v is not None},
+        server_settings={k: v for k, v in _http_choice(server_options).items() if v is not None},
     )
     from florence2_serve.common.tracing import setup_tracing
 

@@ -78,7 +78,7 @@ def target(server: str, embedded: bool, model: str | None, worker_args: list[str
         fail(str(exc), 2)
     with tempfile.TemporaryDirectory(prefix="florence2-embedded-") as tmp:
         config = StackConfig(models=[f"{name}={path}"], workers=1, address="127.0.0.1:0", worker_args=worker_args,
-                             log_dir=Path(tmp))
+                             log_dir=Path(tmp), server_settings={"http_port": -1})  # the CLI speaks gRPC
         try:
             with LocalStack(config) as stack:
                 yield stack.address, name

@@ -42,9 +42,12 @@ def lock_data_dir(data_dir: Path, wait_s: float = 0.0):
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except OSError:
-            if time.monotonic() >= deadline or not _holder_is_stopping(handle):
+            stopping = _holder_is_stopping(handle)
+            if time.monotonic() >= deadline or not stopping:
                 handle.close()
-                raise DataDirBusy(f"data directory {data_dir} is in use by another florence2 stack "
+                why = (f"is still held by a stopping florence2 stack after {wait_s:g} s" if stopping
+                       else "is in use by another florence2 stack")
+                raise DataDirBusy(f"data directory {data_dir} {why} "
                                   "(stop it, or give this one --data-dir elsewhere)") from None
             time.sleep(0.1)
     handle.seek(0)
@@ -109,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maxmemory", default=None,
                         help="valkey's maxmemory (e.g. 2gb; default a quarter of this machine's memory). The policy "
                              "is noeviction: a full Redis refuses new jobs and never evicts a queued one.")
-    parser.add_argument("--lock-wait", type=float, default=15.0,
+    # A stopping keeper may take the parent grace and then valkey's own stop (10 s) to let go.
+    parser.add_argument("--lock-wait", type=float, default=45.0,
                         help="Longest wait for a stopping stack to release the data directory.")
     args = parser.parse_args(argv)
     parent = os.getppid()

@@ -201,7 +201,7 @@ class HttpApi:
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                    "X-Accel-Buffering": "no"})
             await response.prepare(request)
-            ready = [_sse(first)]
+            ready = [_sse(first)] if first is not None else []  # nothing after the event a reconnect named
             try:
                 while ready:
                     pending = asyncio.ensure_future(anext(events, None))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from florence2_serve.common.images import DEFAULT_MAX_PIXELS
 
 MiB = 1024 * 1024
+AUTO_HTTP_PORT, DEFAULT_HTTP_PORT = -2, 8080
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,9 @@ class ServerSettings:
     # Decoded pixels the front end's image checks may hold at once (others wait): bounds its memory
     # (about 3 bytes a pixel) whatever arrives together. Never below max_image_pixels in effect.
     image_check_pixels: int = 60_000_000
-    # The HTTP/JSON port (server/http_api.py): -1 off, 0 a free port. Host: empty is the gRPC host.
-    http_port: int = -1
+    # The HTTP/JSON port (server/http_api.py): -1 off, 0 a free port; AUTO_HTTP_PORT: 8080, or a free port
+    # when the gRPC port is 0 (so tests and second stacks never collide on it). Host: empty is the gRPC host.
+    http_port: int = -2
     http_host: str = ""
     # Origins allowed to call the HTTP API from a browser page of theirs (comma-separated, or *); empty: none.
     http_cors_origins: str = ""
@@ -88,6 +90,9 @@ class ServerSettings:
                      "image_check_pixels"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.http_port == AUTO_HTTP_PORT:
+            grpc_port = self.address.rpartition(":")[2]
+            object.__setattr__(self, "http_port", 0 if grpc_port == "0" else DEFAULT_HTTP_PORT)
         if self.http_port < -1 or self.http_port > 65535:
             raise ValueError("http_port must be a port number (0: a free one; -1: no HTTP port)")
         if self.http_read_timeout_s <= 0 or self.http_keepalive_s <= 0:

@@ -151,11 +151,10 @@ class LocalStack:
     def start(self) -> None:
         try:  # a busy port is refused before anything is started
             check_free(self.config.address)
-            http_port = self.config.server_settings.get("http_port", -1)
-            if http_port > 0:
-                host = self.config.server_settings.get("http_host") or self.config.address.rpartition(":")[0]
-                check_free(f"{host}:{http_port}")
-        except AddressInUse as exc:
+            planned = ServerSettings.from_env(address=self.config.address, **self.config.server_settings)
+            if planned.http_port > 0:
+                check_free(f"{planned.http_bind_host}:{planned.http_port}")
+        except (AddressInUse, ValueError) as exc:  # ValueError: a setting out of range
             raise StackError(str(exc)) from None
         if self.redis_url:
             try:

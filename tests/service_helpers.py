@@ -20,7 +20,6 @@ from florence2_serve.server.stack import FrontEndThread
 
 def start_front_end(redis_url: str, **settings) -> FrontEndThread:
     """An in-process front end: gRPC and (unless http_port=-1) HTTP on free ports."""
-    settings.setdefault("http_port", 0)
     front = FrontEndThread(ServerSettings.from_env(environ={}, redis_url=redis_url, address="127.0.0.1:0",
                                                     health_interval_s=0.2, **settings))
     front.start()

@@ -126,6 +126,8 @@ def test_watch_resumes_after_last_event_id_as_grpc_watch_does(stack):
                     requests.get(url, params={"after_event_id": after}, stream=True, timeout=30)):
         ids = [e["id"] for e in sse(resumed) if "data" in e]
         assert ids == [e.event_id for e in grpc_events[2:]]
+    nothing_left = requests.get(url, headers={"Last-Event-ID": whole[-1]["id"]}, stream=True, timeout=30)
+    assert nothing_left.status_code == 200 and [e for e in sse(nothing_left) if "data" in e] == []
     done = json.loads(whole[-1]["data"])["event"]
     assert done["type"] == "EVENT_TYPE_DONE" and done["result"]["task"] == "TASK_TYPE_OD"
 
@@ -414,3 +416,28 @@ def test_a_dropped_run_stream_cancels_its_job_only_when_asked(stack):
     assert stack.client.get_job(dropped).state == pb.JOB_STATE_CANCELLED
     events = list(stack.client.watch(kept))  # the other runs on, and Watch resumes it
     assert events[-1].type == pb.EVENT_TYPE_DONE
+
+
+def test_the_http_port_setting():
+    from florence2_serve.server.settings import ServerSettings
+
+    assert ServerSettings().http_port == 8080  # beside gRPC's 50051
+    assert ServerSettings(address="127.0.0.1:0").http_port == 0  # a free one beside a free gRPC port
+    assert ServerSettings.from_env(environ={"FLORENCE2_HTTP_PORT": "9000"}).http_port == 9000
+    assert ServerSettings.from_env(environ={"FLORENCE2_HTTP_PORT": "9000"}, http_port=-1).http_port == -1  # --no-http
+    with pytest.raises(ValueError, match="http_port"):
+        ServerSettings(http_port=70000)
+
+
+@pytest.mark.parametrize("fields", [
+    {"task": "CAPTION_TO_PHRASE_GROUNDING", "text": "a red car"},
+    {"task": "REGION_TO_DESCRIPTION", "region": "34,160,597,371"},
+    {"task": "OCR_WITH_REGION"},
+])
+def test_tasks_with_text_or_region_run_from_a_form(stack, fields):
+    with CAR.open("rb") as image:
+        response = requests.post(f"{stack.base}/v1/jobs:run", files={"image": image}, stream=True, timeout=30,
+                                 data={"model": "nop", **fields})
+    assert response.status_code == 200, response.text
+    done = json.loads([e for e in sse(response) if "data" in e][-1]["data"])["event"]
+    assert done["type"] == "EVENT_TYPE_DONE" and done["result"]["task"] == f"TASK_TYPE_{fields['task']}"
