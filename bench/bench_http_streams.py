@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_queue import OUT, start, stop, tiny_png, wait_for_ports, wait_for_workers  # noqa: E402
+from bench_queue import OUT, caption_form, start, stop, tiny_png, wait_for_ports, wait_for_workers  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -35,8 +35,6 @@ def rss_mb(pid: int) -> float:
 
 
 async def time_submits(client, session, model: str, image: bytes, count: int) -> dict:
-    import aiohttp
-
     from florence2_serve.client import job_spec
 
     timings = {"grpc": [], "http": []}
@@ -44,10 +42,7 @@ async def time_submits(client, session, model: str, image: bytes, count: int) ->
         started = time.perf_counter()
         await client.submit(job_spec(image, model, "CAPTION"))
         timings["grpc"].append((time.perf_counter() - started) * 1000)
-        form = aiohttp.FormData()
-        form.add_field("image", image, filename="tiny.png", content_type="image/png")
-        form.add_field("model", model)
-        form.add_field("task", "CAPTION")
+        form = caption_form(image, model)
         started = time.perf_counter()
         async with session.post("/v1/jobs", data=form) as response:
             assert response.status == 200, await response.text()

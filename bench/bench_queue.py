@@ -127,6 +127,17 @@ async def python_client(address: str, model: str, jobs: int, clients: int, image
         return await _load(one, jobs, clients)
 
 
+def caption_form(image: bytes, model: str):
+    """A CAPTION job as multipart/form-data (what `curl -F` sends): the image part and the model and task."""
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("image", image, filename="tiny.png", content_type="image/png")
+    form.add_field("model", model)
+    form.add_field("task", "CAPTION")
+    return form
+
+
 async def http_client(base: str, model: str, jobs: int, clients: int, image: bytes) -> dict:
     """POST /v1/jobs:run (multipart) per job, reading the SSE stream until the job's DONE event."""
     import aiohttp
@@ -134,12 +145,8 @@ async def http_client(base: str, model: str, jobs: int, clients: int, image: byt
     connector = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(base, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         async def one() -> None:
-            form = aiohttp.FormData()
-            form.add_field("image", image, filename="tiny.png", content_type="image/png")
-            form.add_field("model", model)
-            form.add_field("task", "CAPTION")
             last = None
-            async with session.post("/v1/jobs:run", data=form) as response:
+            async with session.post("/v1/jobs:run", data=caption_form(image, model)) as response:
                 assert response.status == 200, await response.text()
                 async for line in response.content:
                     if line.startswith(b"data: "):

@@ -50,7 +50,7 @@ class ServerSettings:
     image_check_pixels: int = 60_000_000
     # The HTTP/JSON port (server/http_api.py): -1 off, 0 a free port; AUTO_HTTP_PORT: 8080, or a free port
     # when the gRPC port is 0 (so tests and second stacks never collide on it). Host: empty is the gRPC host.
-    http_port: int = -2
+    http_port: int = AUTO_HTTP_PORT
     http_host: str = ""
     # Origins allowed to call the HTTP API from a browser page of theirs (comma-separated, or *); empty: none.
     http_cors_origins: str = ""

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import redis
@@ -151,9 +151,9 @@ class LocalStack:
     def start(self) -> None:
         try:  # a busy port is refused before anything is started
             check_free(self.config.address)
-            planned = ServerSettings.from_env(address=self.config.address, **self.config.server_settings)
-            if planned.http_port > 0:
-                check_free(f"{planned.http_bind_host}:{planned.http_port}")
+            settings = ServerSettings.from_env(address=self.config.address, **self.config.server_settings)
+            if settings.http_port > 0:
+                check_free(f"{settings.http_bind_host}:{settings.http_port}")
         except (AddressInUse, ValueError) as exc:  # ValueError: a setting out of range
             raise StackError(str(exc)) from None
         if self.redis_url:
@@ -163,9 +163,7 @@ class LocalStack:
                 raise StackError(str(exc)) from None
         else:
             self.redis_url = self._start_redis()
-        settings = ServerSettings.from_env(redis_url=self.redis_url, address=self.config.address,
-                                           **self.config.server_settings)
-        self.front = FrontEndThread(settings)
+        self.front = FrontEndThread(replace(settings, redis_url=self.redis_url))
         self.front.start()
         self.front.ready.wait(timeout=30)
         if self.front.error is not None:
