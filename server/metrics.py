@@ -28,7 +28,10 @@ OPEN_STREAMS = Gauge("florence2_open_event_streams", "Run and Watch streams open
 
 
 class QueueCollector(Collector):
-    """Queue depth per model and priority, and live workers per model, read from Redis at scrape time."""
+    """Queue depth per model and priority, and live workers per model, read from Redis at scrape time.
+
+    These are cluster-wide: every front end on one Redis exports the same values, so dashboards and
+    autoscalers aggregate them with `max by (...)`, never `sum` (README "Observability")."""
 
     def __init__(self, redis_url: str):
         self.redis_url = redis_url
@@ -42,9 +45,11 @@ class QueueCollector(Collector):
 
         from florence2_serve.common import redis_layout as layout
 
-        depth = GaugeMetricFamily("florence2_queue_depth", "Jobs waiting in a model's queue, by priority",
+        depth = GaugeMetricFamily("florence2_queue_depth",
+                                  "Jobs waiting in a model's queue, by priority (cluster-wide: aggregate with max)",
                                   labels=["model", "priority"])
-        live = GaugeMetricFamily("florence2_live_workers", "Workers registered and heartbeating, by model",
+        live = GaugeMetricFamily("florence2_live_workers",
+                                 "Workers registered and heartbeating, by model (cluster-wide: aggregate with max)",
                                  labels=["model"])
         try:
             if self._connection is None:

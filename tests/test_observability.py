@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
+import subprocess
+import sys
+import threading
 import urllib.request
 
 import pytest
@@ -175,3 +179,73 @@ def test_each_hugging_face_warning_is_logged_once(capsys):
         assert err.count("Some weights were not initialized") == 1 and err.count("our own warning") == 3
     finally:
         logging.getLogger().handlers.clear()
+
+
+def _serve_process(redis_url: str, metrics_port: int) -> tuple[subprocess.Popen, int]:
+    """`florence2 serve` in a process of its own (each front end has its own metrics registry)."""
+    process = subprocess.Popen([sys.executable, "-m", "florence2_serve.client.cli", "serve", "--redis-url", redis_url,
+                                "--address", "127.0.0.1:0", "--no-http", "--metrics-port", str(metrics_port)],
+                               stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()
+    match = re.search(r"listening on port (\d+)", line)
+    assert match, line + (process.stderr.read() if process.poll() is not None else "")
+    threading.Thread(target=process.stderr.read, daemon=True).start()
+    return process, int(match.group(1))
+
+
+def _page(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def test_cluster_wide_metrics_add_up_over_two_front_ends(valkey, worker_factory, tiny_png):
+    """Two front ends on one Redis both export the queue depth and live workers: the dashboard's and
+    KEDA's expressions, evaluated over both scrapes, give the true numbers (a `sum` would double them)."""
+    import redis
+    import yaml
+
+    from florence2_serve.common import redis_layout as layout
+    from promql_lite import evaluate, instant, samples_of
+
+    ports = [_free_port(), _free_port()]
+    fronts = [_serve_process(valkey.connection_url, port) for port in ports]
+    worker_port = _free_port()
+    try:
+        worker_factory(valkey.connection_url, "base=noop", "--kind", "noop", "--batch-size", "1",
+                       "--metrics-port", str(worker_port), worker_id="cluster-w")
+        with Florence2Client(f"127.0.0.1:{fronts[0][1]}", timeout=30, retry=NO_RETRY) as client:
+            running = client.submit(job_spec(tiny_png, "base", "OD", min_new_tokens=2000, max_new_tokens=2000))
+            wait_for(lambda: client.get_job(running.job_id).state == pb.JOB_STATE_RUNNING, message="running")
+            for priority in (0, 0, 0, 3, 3):
+                client.submit(job_spec(tiny_png, "base", "OD", priority=priority))
+            connection = redis.Redis.from_url(valkey.connection_url)
+            true_depth = lambda: {p: connection.llen(layout.rq_queue_key("base", p))  # noqa: E731
+                                  for p in range(layout.MIN_PRIORITY, layout.MAX_PRIORITY + 1)}
+            wait_for(lambda: sum(true_depth().values()) == 4, message="4 queued (one taken ahead by the worker)")
+            depth = true_depth()
+            pages = {f"front-{i}": _page(port) for i, port in enumerate(ports)}
+            pages["worker"] = _page(worker_port)
+            client.cancel(running.job_id)
+        samples = samples_of(pages)
+        # Each front end reports the whole queue: a naive sum counts every job twice.
+        assert evaluate('sum(florence2_queue_depth{model="base"})', samples)[0][1] == 2 * sum(depth.values())
+
+        dashboard = json.loads(DASHBOARD.read_text())
+        panels = {panel["title"]: [t["expr"] for t in panel.get("targets", [])] for panel in dashboard["panels"]}
+        by_priority = {labels["priority"]: value for labels, value in evaluate(panels["Queue depth"][0], samples)
+                       if labels["model"] == "base"}
+        assert {int(p): v for p, v in by_priority.items() if v} == {p: n for p, n in depth.items() if n}
+        assert evaluate(panels["Live workers"][0], samples) == [({"model": "base"}, 1.0)]
+        running_now = evaluate(panels["Running jobs"][0], samples)
+        assert running_now == [({"model": "base"}, 1.0)]
+        # Every instant expression of the dashboard evaluates; none sums a cluster-wide series.
+        for expr in (e for exprs in panels.values() for e in exprs if instant(e)):
+            evaluate(expr, samples)
+            assert not re.search(r"sum[^()]*\(\s*florence2_(queue_depth|live_workers)", expr), expr
+
+        scaled = yaml.safe_load((REPO / "deploy" / "kubernetes" / "keda-base.yaml").read_text())
+        query = next(t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus")
+        assert evaluate(query, samples) == [({}, sum(depth.values()) + 1.0)]  # waiting + running, once
+    finally:
+        for process, _ in fronts:
+            process.terminate()
+            process.wait(timeout=30)
