@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from florence2_serve.v1 import florence2_pb2 as pb
 
 from florence2_serve.common.errors import Reason
+from florence2_serve.common.redis_url import redact
 
 from . import reflection_v1
 from .errors import ServiceError
@@ -111,6 +112,8 @@ class FrontEnd:
         self.servicer = None
         self.http = None  # server/http_api.HttpApi when the settings give an HTTP port
         self.http_port = 0
+        self.probes = None  # server/probes.ProbeListener with --health-port
+        self.health_port = 0
 
     @property
     def http_url(self) -> str | None:
@@ -142,10 +145,35 @@ class FrontEnd:
                 await self.server.stop(None)
                 await self.store.close()
                 raise
+        if self.settings.health_port:
+            from .probes import ProbeListener
+
+            self.probes = ProbeListener(self.store)
+            try:
+                self.health_port = await self.probes.start(self.settings.health_bind_host, self.settings.health_port)
+            except AddressInUse:
+                await self.server.stop(None)
+                if self.http is not None:
+                    await self.http.stop()
+                await self.store.close()
+                raise
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop())
-        log.info("front end listening on port %d%s (redis %s)", self.port,
-                 f", HTTP on port {self.http_port}" if self.http is not None else "", self.settings.redis_url)
+        log.info("front end listening: %s", self.describe())
+
+    def describe(self) -> str:
+        """What is on, for the start line: ports, TLS / mTLS, tokens, reflection, probes, metrics, Redis."""
+        s = self.settings
+        tls = "mTLS" if s.tls_client_ca else ("TLS" if s.tls_cert else "plaintext")
+        parts = [f"gRPC on port {self.port} ({tls})",
+                 f"HTTP on port {self.http_port} ({tls})" if self.http is not None else "no HTTP",
+                 f"tokens {'required' if s.auth_enabled else 'off'}",
+                 f"reflection {'on' if s.reflection else 'off'}",
+                 f"probes on http://{s.health_bind_host}:{self.health_port}" if self.probes is not None
+                 else "no probe port",
+                 f"metrics on http://{s.metrics_bind_host}:{s.metrics_port}/metrics" if s.metrics_port else "no metrics",
+                 f"redis {redact(s.redis_url)}"]
+        return "; ".join(parts)
 
     async def _update_health(self) -> None:
         """The server and service names follow Redis; each model name follows its live workers."""
@@ -180,10 +208,8 @@ class FrontEnd:
         if self.servicer is not None:
             self.servicer.stopping = True  # streams ended by our shutdown are no client's disconnect
         await self.health_servicer.enter_graceful_shutdown()
-        if self.http is not None:
-            await asyncio.gather(self.server.stop(grace), self.http.stop())
-        else:
-            await self.server.stop(grace)
+        await asyncio.gather(self.server.stop(grace), *(listener.stop() for listener in (self.http, self.probes)
+                                                       if listener is not None))
         await self.store.close()
         if self._collector is not None:
             from prometheus_client import REGISTRY
@@ -276,12 +302,12 @@ async def check_redis(url: str) -> None:
     try:
         connection = PipelinedRedis(url)
     except ValueError as exc:
-        raise RedisUnreachable(f"cannot use Redis at {url}: {exc}") from None
+        raise RedisUnreachable(f"cannot use Redis at {redact(url)}: {exc}") from None
     try:
         await asyncio.wait_for(connection.execute("PING"), timeout=5)
     except (redis.RedisError, OSError, asyncio.TimeoutError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else "no answer"
-        raise RedisUnreachable(f"cannot reach Redis at {url}: {reason}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {redact(url)}: {reason}") from None
     finally:
         await connection.close()
 

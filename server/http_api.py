@@ -27,9 +27,10 @@ from google.api import annotations_pb2
 from florence2_serve.common.errors import Reason, quote
 from florence2_serve.v1 import florence2_pb2 as pb
 
-from . import http_requests, openapi, validation
-from .errors import ServiceError, internal, store_unavailable
-from .http_status import HttpAbort, HttpCallContext, error_status, http_status_of, message_json, status_json
+from . import http_requests, openapi
+from .probes import Probes, error_response
+from .errors import ServiceError, internal
+from .http_status import HttpAbort, HttpCallContext, error_status, message_json, status_json
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +68,6 @@ def bindings() -> list[Binding]:
     return found
 
 
-def error_response(status, headers=None) -> web.Response:
-    return web.Response(status=http_status_of(status), text=status_json(status), content_type="application/json",
-                        headers=headers)
-
-
 class HttpApi:
     def __init__(self, servicer, settings, tokens=None):
         self.servicer, self.settings, self.tokens = servicer, settings, tokens
@@ -88,8 +84,7 @@ class HttpApi:
                               client_max_size=self.limits.json_bytes)
         for binding in bindings():
             app.router.add_route(binding.verb.upper(), binding.route, self._handler(binding))
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
+        Probes(self.servicer.store).add_routes(app)
         app.router.add_get("/v1/openapi.json", self._openapi_document)
         app.router.add_get("/", self._index)
         app.router.add_static("/playground/", PLAYGROUND, show_index=False)
@@ -229,30 +224,6 @@ class HttpApi:
             await events.aclose()
 
     # -- plain endpoints ----------------------------------------------------------------------------
-
-    async def _healthz(self, request):
-        return web.json_response({"status": "SERVING"})
-
-    async def _readyz(self, request):
-        """Ready: Redis answers, and with ?model=NAME that model has a live worker (503 otherwise)."""
-        unknown = set(request.query) - {"model"}
-        if unknown:
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_FIELD,
-                               f"/readyz takes only ?model=, not {quote(sorted(unknown)[0])}")
-        store = self.servicer.store
-        if not await store.ping():
-            raise store_unavailable()
-        model = request.query.get("model")
-        if model is not None:
-            validation.check_model_name(model)
-            try:
-                live = await store.live_workers(model)
-            except Exception:  # noqa: BLE001 - Redis went away between the two calls
-                raise store_unavailable() from None
-            if not live:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, Reason.NO_LIVE_WORKER,
-                                   f"model {quote(model)} has no live worker", retry_after_s=1.0)
-        return web.json_response({"status": "SERVING"})
 
     async def _openapi_document(self, request):
         if self._openapi is None:

@@ -56,6 +56,10 @@ class ServerSettings:
     http_cors_origins: str = ""
     # An HTTP request body must arrive within this (a slow uploader is cut off; nothing is queued).
     http_read_timeout_s: float = 60.0
+    # /healthz and /readyz alone, plaintext and without tokens, on this port (0: off) for kubelet's probes,
+    # which cannot present a client certificate; host: empty is the gRPC host.
+    health_port: int = 0
+    health_host: str = ""
     # A quiet event stream sends an SSE comment this often, so proxies keep it open.
     http_keepalive_s: float = 15.0
 
@@ -71,6 +75,7 @@ class ServerSettings:
         "image_check_pixels": "FLORENCE2_IMAGE_CHECK_PIXELS",
         "http_port": "FLORENCE2_HTTP_PORT", "http_host": "FLORENCE2_HTTP_HOST",
         "http_cors_origins": "FLORENCE2_HTTP_CORS_ORIGINS", "http_read_timeout_s": "FLORENCE2_HTTP_READ_TIMEOUT",
+        "health_port": "FLORENCE2_HEALTH_PORT", "health_host": "FLORENCE2_HEALTH_HOST",
     }
 
     @classmethod
@@ -95,6 +100,8 @@ class ServerSettings:
             object.__setattr__(self, "http_port", 0 if grpc_port == "0" else DEFAULT_HTTP_PORT)
         if self.http_port < -1 or self.http_port > 65535:
             raise ValueError("http_port must be a port number (0: a free one; -1: no HTTP port)")
+        if not 0 <= self.health_port <= 65535:
+            raise ValueError("health_port must be a port number (0: no probe listener)")
         if self.http_read_timeout_s <= 0 or self.http_keepalive_s <= 0:
             raise ValueError("http_read_timeout_s and http_keepalive_s must be positive")
         for name in ("job_timeout_s", "max_retries", "cancel_wait_s"):
@@ -115,6 +122,10 @@ class ServerSettings:
     @property
     def http_bind_host(self) -> str:
         return self.http_host or self.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+
+    @property
+    def health_bind_host(self) -> str:
+        return self.health_host or self.address.rpartition(":")[0].strip("[]") or "127.0.0.1"
 
     @property
     def auth_enabled(self) -> bool:

@@ -54,6 +54,9 @@ class StackConfig:
     ready_timeout_s: float = 300.0
     drain_timeout_s: float = 30.0  # after this a second SIGTERM (stop now), then SIGKILL
     server_settings: dict = field(default_factory=dict)
+    # Every worker serves Prometheus metrics on 127.0.0.1 (or FLORENCE2_WORKER_METRICS_HOST): the i-th worker
+    # on worker_metrics_port + i, or on a free port each when None (printed by `up`).
+    worker_metrics_port: int | None = None
 
     def model_specs(self) -> list[tuple[str, str]]:
         try:
@@ -124,6 +127,7 @@ class LocalStack:
         self._hurry = threading.Event()
         self._lock = threading.Lock()
         self._supervisor: threading.Thread | None = None
+        self.metrics_ports: dict[tuple[str, int], int] = {}
 
     @property
     def address(self) -> str:
@@ -154,6 +158,7 @@ class LocalStack:
             settings = ServerSettings.from_env(address=self.config.address, **self.config.server_settings)
             if settings.http_port > 0:
                 check_free(f"{settings.http_bind_host}:{settings.http_port}")
+            self.metrics_ports = self._plan_metrics_ports()
         except (AddressInUse, ValueError) as exc:  # ValueError: a setting out of range
             raise StackError(str(exc)) from None
         if self.redis_url:
@@ -174,6 +179,33 @@ class LocalStack:
         self.wait_ready()
         self._supervisor = threading.Thread(target=self._supervise, name="florence2-supervisor", daemon=True)
         self._supervisor.start()
+
+    def _plan_metrics_ports(self) -> dict[tuple[str, int], int]:
+        slots = [(name, index) for name, _ in self.specs for index in range(self.config.workers)]
+        base = self.config.worker_metrics_port
+        if base is None:
+            return dict(zip(slots, free_ports(len(slots))))
+        if not 0 < base <= 65535 - len(slots) + 1:
+            raise ValueError(f"worker metrics port {base} leaves no room for {len(slots)} worker(s)")
+        ports = {slot: base + i for i, slot in enumerate(slots)}
+        for port in ports.values():
+            try:
+                check_free(f"127.0.0.1:{port}")
+            except AddressInUse:
+                raise AddressInUse(f"cannot serve worker metrics on port {port}: the port is in use "
+                                   f"(--worker-metrics-port {base} gives worker i port {base}+i)") from None
+        return ports
+
+    def _metrics_port_for(self, name: str, index: int) -> int:
+        """The worker's planned port, or a free one if something took it since (a restart never fails on it)."""
+        port = self.metrics_ports[(name, index)]
+        try:
+            check_free(f"127.0.0.1:{port}")
+        except AddressInUse:
+            (port,) = free_ports(1)
+            log.warning("worker %d of model %s: its metrics port was taken; now on port %d", index, name, port)
+            self.metrics_ports[(name, index)] = port
+        return port
 
     def _start_redis(self) -> str:
         where = ["--data-dir", str(self.config.data_dir)] if self.config.data_dir else ["--in-memory"]
@@ -196,7 +228,8 @@ class LocalStack:
 
     def _spawn(self, name: str, path: str, index: int, restarts: int = 0) -> _Worker:
         command = [sys.executable, "-m", "florence2_serve.client.cli", "worker", "--model", f"{name}={path}",
-                   "--exit-with-parent", *self.config.worker_args]
+                   "--exit-with-parent", "--metrics-port", str(self._metrics_port_for(name, index)),
+                   *self.config.worker_args]
         env = _child_env(REDIS_URL=self.redis_url, PYTHONUNBUFFERED="1")
         log_path = None
         stream = None
@@ -309,6 +342,20 @@ class LocalStack:
                     if process.poll() is None:
                         process.send_signal(on_hurry)
             time.sleep(0.05)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1 now (held open together so they differ)."""
+    import socket
+
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def _child_env(**extra) -> dict:

@@ -271,12 +271,16 @@ def test_up_dashboard_shows_our_queues(tmp_path, tiny_png):
     import time
     import urllib.request
 
-    from florence2_serve.client import Florence2Client, job_spec
+    from florence2_serve.client import Florence2Client
 
     env = dict(os.environ)
     env.pop("REDIS_URL", None)
+    from conftest import unused_port
+
+    port = unused_port()
     up = subprocess.Popen([str(Path(sys.executable).parent / "florence2"), "up", "--model", "board=noop", "--kind",
-                           "noop", "--in-memory", "--address", "127.0.0.1:0", "--dashboard"],
+                           "noop", "--in-memory", "--address", "127.0.0.1:0", "--dashboard", "--dashboard-port",
+                           str(port)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         address = up.stdout.readline().strip()
@@ -286,7 +290,8 @@ def test_up_dashboard_shows_our_queues(tmp_path, tiny_png):
         deadline, listed = time.monotonic() + 30, None
         while time.monotonic() < deadline:
             try:
-                listed = json.loads(urllib.request.urlopen("http://127.0.0.1:9181/0/data/queues.json", timeout=5).read())
+                listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/0/data/queues.json",
+                                                           timeout=5).read())
                 break
             except OSError:
                 time.sleep(0.5)
@@ -295,3 +300,4 @@ def test_up_dashboard_shows_our_queues(tmp_path, tiny_png):
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
+    assert f"rq-dashboard at http://127.0.0.1:{port}" in up.stderr.read()

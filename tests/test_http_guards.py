@@ -120,3 +120,33 @@ def test_https_with_the_grpc_certificate(stack, pki):
             requests.get(url.replace("https", "http"), timeout=10)
     finally:
         front.stop()
+
+
+def test_probe_port_answers_plaintext_when_the_api_needs_mtls_and_tokens(stack, pki, caplog):
+    """kubelet cannot present a client certificate: with TLS, mTLS and tokens on the API ports, the probe
+    port still answers /healthz and /readyz[?model=] in plaintext, and serves nothing else."""
+    import logging
+
+    from conftest import unused_port
+
+    cert, key = pki["server"]
+    port = unused_port()
+    with caplog.at_level(logging.INFO, logger="florence2_serve.server.app"):
+        front = start_front_end(stack.url, tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(pki["ca"]),
+                                token="s3cret", health_port=port)
+    try:
+        assert front.front_end.health_port == port
+        probe = f"http://127.0.0.1:{port}"
+        assert requests.get(f"{probe}/healthz", timeout=10).json() == {"status": "SERVING"}
+        assert requests.get(f"{probe}/readyz", timeout=10).status_code == 200
+        assert requests.get(f"{probe}/readyz?model=nop", timeout=10).status_code == 200
+        missing = requests.get(f"{probe}/readyz?model=nobody", timeout=10)
+        assert missing.status_code == 503 and reason(missing.json()) == "NO_LIVE_WORKER"
+        assert requests.get(f"{probe}/v1/models", timeout=10).status_code == 404  # the API is not on it
+        with pytest.raises(requests.exceptions.ConnectionError):  # the API port wants a client certificate
+            requests.get(f"https://localhost:{front.front_end.http_port}/healthz", verify=str(pki["ca"]), timeout=10)
+        started = [r.getMessage() for r in caplog.records if "front end listening" in r.getMessage()]
+        assert started and all(part in started[0] for part in (
+            "(mTLS)", "tokens required", "reflection on", f"probes on http://127.0.0.1:{port}", "no metrics"))
+    finally:
+        front.stop()

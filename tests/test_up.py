@@ -241,3 +241,68 @@ def test_models_json_lists_the_noop_worker(tmp_path):
     finally:
         up.process.send_signal(signal.SIGTERM)
         up.wait()
+
+
+def _worker_ids_on(port: int) -> set[str]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.labels["worker_id"] for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "florence2_worker_info"}
+
+
+def test_up_gives_every_worker_a_metrics_port(tmp_path):
+    """The worker metrics variable is a base port under `up` (worker i: base + i), not one port that the
+    second worker fails to bind; without it each worker gets a free port. Either way `up` prints them."""
+    base = unused_port()
+    while any(_port_busy(base + i) for i in range(1, 3)):
+        base = unused_port()
+    env = {**os.environ, "FLORENCE2_WORKER_METRICS_PORT": str(base)}
+    for args, environ in ((("--workers", "2"), env), (("--workers", "2", "--model", "other=noop"), None)):
+        up = Up("--model", "m=noop", "--kind", "noop", "--in-memory", *args, env=environ)
+        try:
+            line = ""
+            while "worker metrics:" not in line:
+                line = up.process.stderr.readline()
+                assert line, "up printed no worker metrics line"
+            ports = [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)/metrics", line)]
+            with Florence2Client(up.address, timeout=30) as client:
+                live = {w.worker_id for m in client.list_models() for w in m.workers}
+            assert len(ports) == len(live) == (2 if environ else 4)
+            if environ:
+                assert ports == [base, base + 1]
+            assert set().union(*(_worker_ids_on(port) for port in ports)) == live  # one worker per port
+        finally:
+            up.process.send_signal(signal.SIGTERM)
+            code, stderr = up.wait()
+        assert code == 0, stderr
+
+
+def _port_busy(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_up_refuses_a_busy_dashboard_port_in_one_line():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([EXE, "up", "--model", "m=noop", "--kind", "noop", "--in-memory", "--address",
+                                 "127.0.0.1:0", "--dashboard", "--dashboard-port", str(port)],
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: cannot serve rq-dashboard on 127.0.0.1:{port}: the port is in use "
+                                      "(choose another with --dashboard-port)")
+    assert time.monotonic() - started < 15  # refused before anything was started

@@ -21,6 +21,7 @@ import redis
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.images import reuse_image_memory
 from florence2_serve.common.log_setup import route_library_logs
+from florence2_serve.common.redis_url import redact
 from florence2_serve.common.rq_bridge import check_rq_version
 
 from .settings import WorkerSettings
@@ -44,7 +45,7 @@ def check_redis(url: str, timeout_s: float = 3.0, client_name: str | None = None
     except (redis.RedisError, OSError, ValueError) as exc:
         connection.close()
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RedisUnreachable(f"cannot reach Redis at {url}: {reason}") from None
+        raise RedisUnreachable(f"cannot reach Redis at {redact(url)}: {reason}") from None
     return connection
 
 
