@@ -174,6 +174,10 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
 
     from florence2_serve.common.tracing import setup_tracing
 
+    from .cli_serve import json_logs
+
+    json_logs()
+
     setup_tracing("florence2-worker")
     sys.exit(run_worker(settings))
 

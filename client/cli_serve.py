@@ -101,13 +101,23 @@ def serve(redis_url, **options):
 DASHBOARD_PORT = 9181
 
 
+def json_logs() -> bool:
+    """Is this process logging JSON? Then a long-running command also turns its stderr into JSON Lines."""
+    if (click.get_current_context().find_root().obj or {}).get("log_format") != "json":
+        return False
+    from florence2_serve.common.log_setup import json_lines_on_stderr
+
+    json_lines_on_stderr()
+    return True
+
+
 def _sayer():
     """`up`'s lines for people on stderr; with --log-format json, log records (the stream stays JSON Lines)."""
     import logging
 
-    if (click.get_current_context().find_root().obj or {}).get("log_format") != "json":
+    if not json_logs():
         return lambda message, error=False: click.echo(message, err=True)
-    log = logging.getLogger("florence2_serve.up")
+    log = logging.getLogger("florence2_serve.cli")
     return lambda message, error=False: (log.error if error else log.info)(message.removeprefix("error: "))
 
 
@@ -251,25 +261,39 @@ def _start_dashboard(executable: str, redis_url: str, port: int, say, timeout_s:
     """rq-dashboard on the stack's Redis, on 127.0.0.1 (a child of `up`, stopped with it). Its URL is printed
     once it answers; if it exits first (its port taken meanwhile, a broken install), one error line."""
     import subprocess
+    import threading
     import time
     import urllib.request
 
     process = subprocess.Popen([executable, "--redis-url", redis_url, "--bind", "127.0.0.1", "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    collected: list[str] = []
+    threading.Thread(target=_relay, args=(process.stderr, collected), daemon=True).start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while process.poll() is None and time.monotonic() < deadline:
         try:
             urllib.request.urlopen(url, timeout=2).close()
             say(f"rq-dashboard at {url}")
-            process.stderr.close()
             return process
         except OSError:
             time.sleep(0.2)
     if process.poll() is None:
         process.terminate()
         process.wait(timeout=10)
-    lines = [line for line in (process.stderr.read() or "").splitlines() if line.strip()]
+    time.sleep(0.2)  # its last lines reach the relay
+    lines = [line for line in collected if line.strip()]
     say(f"error: rq-dashboard did not start on port {port}"
         + (f": {lines[-1].strip()}" if lines else "") + "; the stack runs on without it", error=True)
     return None
+
+
+def _relay(stream, collected: list[str]) -> None:
+    """rq-dashboard's stderr, read to its end (it must never block on a full pipe), logged at DEBUG."""
+    import logging
+
+    log = logging.getLogger("rq_dashboard")
+    for line in stream:
+        collected.append(line)
+        del collected[:-20]
+        log.debug("%s", line.rstrip())
