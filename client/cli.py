@@ -107,8 +107,9 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
 
 
 @cli.command()
-@click.option("--model", "model", required=True,
-              help="[NAME=]PATH_OR_ID of the model this worker holds (a bare path is named after its last part).")
+@click.option("--model", "model", required=True, envvar="FLORENCE2_MODEL",
+              help="[NAME=]PATH_OR_ID of the model this worker holds (a bare path is named after its last part; "
+                   "env FLORENCE2_MODEL).")
 @click.option("--redis-url", envvar="REDIS_URL", default=None, help="Redis URL (env REDIS_URL).")
 @click.option("--device", default=None, help="auto (CUDA if present), cpu, cuda:0, ...")
 @click.option("--dtype", type=click.Choice(["auto", "fp16", "bf16", "fp32"]), default=None,

@@ -6,6 +6,7 @@ AsyncClient split): both build requests, channels and outcomes here.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Iterable
@@ -69,12 +70,20 @@ class ClientCore:
     `address` defaults to $FLORENCE2_SERVER, then 127.0.0.1:50051. `token` is sent as a bearer token.
     `tls=True` uses TLS with the system roots, or `root_certificates` (PEM bytes); `certificate_chain`
     and `private_key` add a client certificate (mTLS). `timeout` bounds each call (a job's stream:
-    the whole wait). `retry` governs retries of UNAVAILABLE.
+    the whole wait). `retry` governs retries of UNAVAILABLE. `load_balancing`: "round_robin" (default)
+    spreads calls over every address the target resolves to (a headless Service's pods, or
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`); "pick_first" keeps one connection.
     """
+
+    LOAD_BALANCING = ("round_robin", "pick_first")
 
     def __init__(self, address: str | None = None, *, token: str = "", timeout: float | None = None,
                  retry: RetryPolicy | None = None, tls: bool = False, root_certificates: bytes | None = None,
-                 certificate_chain: bytes | None = None, private_key: bytes | None = None):
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
+                 load_balancing: str = "round_robin"):
+        if load_balancing not in self.LOAD_BALANCING:
+            raise ValueError(f"load_balancing must be one of {', '.join(self.LOAD_BALANCING)}, got {load_balancing!r}")
+        self.load_balancing = load_balancing
         self.address = address or os.environ.get("FLORENCE2_SERVER") or DEFAULT_ADDRESS
         self.token = token
         self.timeout = timeout
@@ -85,10 +94,11 @@ class ClientCore:
     def _metadata(self) -> tuple:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
-    @staticmethod
-    def _options() -> list:
+    def _options(self) -> list:
+        service_config = {"loadBalancingConfig": [{self.load_balancing: {}}]}
         return [("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE),
-                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE)]
+                ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE),
+                ("grpc.service_config", json.dumps(service_config))]
 
     def _credentials(self) -> grpc.ChannelCredentials | None:
         if not self.tls:

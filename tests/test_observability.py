@@ -186,9 +186,10 @@ def _serve_process(redis_url: str, metrics_port: int) -> tuple[subprocess.Popen,
     process = subprocess.Popen([sys.executable, "-m", "florence2_serve.client.cli", "serve", "--redis-url", redis_url,
                                 "--address", "127.0.0.1:0", "--no-http", "--metrics-port", str(metrics_port)],
                                stderr=subprocess.PIPE, text=True)
-    line = process.stderr.readline()
-    match = re.search(r"listening on port (\d+)", line)
-    assert match, line + (process.stderr.read() if process.poll() is not None else "")
+    seen = []
+    while not (match := re.search(r"^listening on port (\d+)", seen[-1] if seen else "")):
+        seen.append(process.stderr.readline())
+        assert seen[-1], "".join(seen)  # it exited
     threading.Thread(target=process.stderr.read, daemon=True).start()
     return process, int(match.group(1))
 
@@ -242,9 +243,33 @@ def test_cluster_wide_metrics_add_up_over_two_front_ends(valkey, worker_factory,
             evaluate(expr, samples)
             assert not re.search(r"sum[^()]*\(\s*florence2_(queue_depth|live_workers)", expr), expr
 
-        scaled = yaml.safe_load((REPO / "deploy" / "kubernetes" / "keda-base.yaml").read_text())
+        scaled = next(doc for doc in yaml.safe_load_all((REPO / "deploy" / "kubernetes" / "keda-base.yaml").read_text())
+                      if doc["kind"] == "ScaledObject")
         query = next(t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus")
         assert evaluate(query, samples) == [({}, sum(depth.values()) + 1.0)]  # waiting + running, once
+    finally:
+        for process, _ in fronts:
+            process.terminate()
+            process.wait(timeout=30)
+
+
+def test_the_client_spreads_calls_over_every_front_end_it_resolves(valkey):
+    """Round robin (the client's default) over a target with two front ends: both answer calls, as the
+    pods behind the headless Service florence2-frontend-grpc would."""
+    ports = [_free_port(), _free_port()]
+    fronts = [_serve_process(valkey.connection_url, port) for port in ports]
+    try:
+        target = "ipv4:" + ",".join(f"127.0.0.1:{grpc_port}" for _, grpc_port in fronts)
+        with Florence2Client(target, timeout=30) as client:
+            for _ in range(20):
+                client.list_models()
+        answered = [value(scrape(port), "florence2_requests_total", method="ListModels") for port in ports]
+        assert all(count >= 5 for count in answered), answered
+        with Florence2Client(target, timeout=30, load_balancing="pick_first") as client:
+            for _ in range(10):
+                client.list_models()
+        after = [value(scrape(port), "florence2_requests_total", method="ListModels") for port in ports]
+        assert sorted(b - a for a, b in zip(answered, after)) == [0, 10]  # one connection, one front end
     finally:
         for process, _ in fronts:
             process.terminate()
