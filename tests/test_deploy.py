@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from conftest import REPO
 from florence2_serve.client.cli import cli
-from florence2_serve.common import redis_layout as layout
 
 DOCKER = REPO / "docker"
 REQUIREMENTS = REPO / "requirements"
@@ -68,6 +67,9 @@ def test_dockerfiles_install_dependencies_before_the_sources_and_have_a_healthch
         text = (DOCKER / name).read_text()
         assert text.index("pip install --no-cache-dir -") < text.index("COPY common"), name
         assert "HEALTHCHECK" in text and "USER 10001:10001" in text, name  # numeric: runAsNonRoot can check it
+    server = dict(dockerfile_instructions(DOCKER / "Dockerfile.server"))
+    # Liveness is the process, on the plaintext probe port (works with TLS on; a Redis outage never fails it).
+    assert "http://127.0.0.1:8081/healthz" in server["HEALTHCHECK"] and "FLORENCE2_HEALTH_PORT=8081" in server["ENV"]
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", ".legacy", "node_modules", ".git"} <= set(ignored)
 

@@ -97,13 +97,17 @@ def test_models_health_and_readiness(stack):
 
 
 def test_readiness_follows_redis_and_liveness_does_not(valkey):
-    front = start_front_end(valkey.connection_url)
+    from conftest import unused_port
+
+    front = start_front_end(valkey.connection_url, health_port=unused_port())
     base = f"http://127.0.0.1:{front.front_end.http_port}"
+    probes = f"http://127.0.0.1:{front.front_end.health_port}"
     try:
         valkey.stop()
-        ready = requests.get(f"{base}/readyz", timeout=10)
-        assert ready.status_code == 503 and reason(ready.json()) == "STORE_UNAVAILABLE"
-        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+        for where in (base, probes):  # the API port and the probe port say the same
+            ready = requests.get(f"{where}/readyz", timeout=10)
+            assert ready.status_code == 503 and reason(ready.json()) == "STORE_UNAVAILABLE"
+            assert requests.get(f"{where}/healthz", timeout=10).status_code == 200
         models = requests.get(f"{base}/v1/models", timeout=10)
         assert models.status_code == 503 and reason(models.json()) == "STORE_UNAVAILABLE"
         assert any(d["@type"].endswith("RetryInfo") for d in models.json()["details"])

@@ -69,4 +69,6 @@ def test_every_line_of_a_json_up_run_is_json(tiny_model_dir, pki, tiny_png):
     assert any("worker metrics:" in m for m in messages) and messages[-1] == "stopped"
     lost = [r for r in records if r.get("job_id") == held and "lost its worker" in r["message"]]
     assert lost and lost[0]["task"] == "OD" and lost[0]["request_id"] == "lost-1" and lost[0]["model"] == "tiny"
+    taken = [r for r in records if r.get("job_id") == held and "runs here next" in r["message"]]
+    assert taken and taken[0]["task"] == "OD" and taken[0]["request_id"] == "lost-1"
     assert not any("Loading weights" in m for m in messages)  # no progress bars

@@ -213,7 +213,10 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         except REDIS_ERRORS:
             return  # they wait at the front of the queue for whichever worker takes next
         if taken:
-            log.info("took %d jobs whose worker was lost; they run next", len(taken))
+            for job in taken:
+                record = job.record
+                log.info("job %s: its worker was lost; it runs here next", job.job_id,
+                         extra=job_fields(job.job_id, record.model, Task(record.task).name, record.request_id))
             self._admit(taken, front=True)
 
     def _next_execution_prefix(self) -> str:

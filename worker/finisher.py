@@ -13,7 +13,9 @@ import time
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
+from florence2_serve.common.log_setup import job_fields
 from florence2_serve.common.rq_bridge import Finished, TakenJob
+from florence2_serve.common.tasks import Task
 
 from .outcomes import Batch, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, name_os_thread
@@ -63,7 +65,10 @@ class FinishingLoop:
             self._retry_until_done("requeue", lambda: rq_bridge.requeue(
                 self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
                 worker_name=settings.worker_id))
-            log.info("put %d jobs not finished here back at the front of their queues", len(requeue))
+            for job in requeue:
+                record = job.record
+                log.info("job %s not finished here: back at the front of its queue", job.job_id,
+                         extra=job_fields(job.job_id, record.model, Task(record.task).name, record.request_id))
         with self._lock:
             for item in ended:
                 if item.outcome != "started":
