@@ -10,6 +10,7 @@ from florence2_serve.common.tasks import Task
 
 from .aio import AsyncDetectRun, AsyncFlorence2Client
 from .client import DetectRun, Florence2Client
+from .connection import ServerUnreachable
 from .core import DetectOutcome, job_spec
 from .errors import Florence2Error, JobFailed, RpcError
 from .json_output import to_json
@@ -17,5 +18,5 @@ from .retry import NO_RETRY, RetryPolicy
 
 __all__ = [
     "AsyncDetectRun", "AsyncFlorence2Client", "DetectOutcome", "DetectRun", "Florence2Client", "Florence2Error",
-    "JobFailed", "NO_RETRY", "RetryPolicy", "RpcError", "Task", "job_spec", "to_json",
+    "JobFailed", "NO_RETRY", "RetryPolicy", "RpcError", "ServerUnreachable", "Task", "job_spec", "to_json",
 ]

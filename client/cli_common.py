@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from .client import Florence2Client
+from .connection import ServerUnreachable
 from .errors import Florence2Error
 from .retry import RetryPolicy
 
@@ -30,6 +31,10 @@ def connection_options(function):
                      help="Client certificate (PEM) for mutual TLS, with --key."),
         click.option("--key", "key_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                      help="Client private key (PEM) for mutual TLS, with --cert."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0.1), envvar="FLORENCE2_CONNECT_TIMEOUT",
+                     default=3.0, show_default=True,
+                     help="Seconds to wait for a connection before saying why there is none "
+                          "(env FLORENCE2_CONNECT_TIMEOUT)."),
     ]):
         function = option(function)
     return function
@@ -41,11 +46,34 @@ def fail(message: str, code: int = 1):
 
 
 def open_client(server: str, token: str = "", tls: bool = False, ca_file: Path | None = None,
-                cert_file: Path | None = None, key_file: Path | None = None,
+                cert_file: Path | None = None, key_file: Path | None = None, connect_timeout: float = 3.0,
                 timeout: float | None = 10, retry: RetryPolicy | None = None) -> Florence2Client:
-    read = (lambda path: path.read_bytes() if path else None)
-    return Florence2Client(server, token=token, timeout=timeout, tls=tls, root_certificates=read(ca_file),
-                           certificate_chain=read(cert_file), private_key=read(key_file), retry=retry)
+    """A client that is connected: TLS inputs checked first (exit 2), then a connection within
+    `connect_timeout` or one line saying why there is none (exit 1)."""
+    if (cert_file is None) != (key_file is None):
+        fail("--cert and --key go together (mutual TLS): " + ("--key is missing" if key_file is None
+                                                               else "--cert is missing"), 2)
+
+    def read(path: Path | None, flag: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            fail(f"{flag} {path}: {exc.strerror or exc}", 2)
+
+    try:
+        client = Florence2Client(server, token=token, timeout=timeout, tls=tls,
+                                 root_certificates=read(ca_file, "--ca"), certificate_chain=read(cert_file, "--cert"),
+                                 private_key=read(key_file, "--key"), retry=retry)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    try:
+        client.check_connection(connect_timeout)
+    except ServerUnreachable as exc:
+        client.close()
+        fail(str(exc))
+    return client
 
 
 def call(connection: dict, function, timeout: float | None = 10, retry: RetryPolicy | None = None):

@@ -143,8 +143,9 @@ def _error_json(error: Florence2Error) -> dict:
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Per-image deadline in seconds.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image: cancel the rest, exit 1.")
 @click.option("--device", default=None, help="With --embedded: the worker's device (auto, cpu, cuda:0).")
-def detect(images, server, token, tls, ca_file, cert_file, key_file, model, task, text, region, max_new_tokens,
-           num_beams, priority, embedded, as_json, draw_dir, overwrite, concurrency, timeout, fail_fast, device):
+def detect(images, server, token, tls, ca_file, cert_file, key_file, connect_timeout, model, task, text, region,
+           max_new_tokens, num_beams, priority, embedded, as_json, draw_dir, overwrite, concurrency, timeout, fail_fast,
+           device):
     """Run a task on IMAGES (files, directories, globs); print one line per image as it completes.
 
     Exit 0 when every image succeeded, 1 when any failed, 130 after Ctrl-C.
@@ -152,7 +153,7 @@ def detect(images, server, token, tls, ca_file, cert_file, key_file, model, task
     files, parsed_task, parsed_region = _parse(images, task, region)
     worker_args = ["--device", device] if device else []
     with target(server, embedded, model, worker_args) as (address, model_name):
-        with open_client(address, token, tls, ca_file, cert_file, key_file, timeout=None) as client:
+        with open_client(address, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=None) as client:
             model_name = model_name or _only_model(client)
             run = client.detect_many(files, model_name, parsed_task, concurrency=concurrency, timeout=timeout,
                                      text=text, region=parsed_region, max_new_tokens=max_new_tokens,
@@ -229,13 +230,13 @@ def _draw(outcome: DetectOutcome, task: Task, region, draw_dir: Path, overwrite:
 @task_options
 @click.option("--wait", is_flag=True, help="Also wait for each job and print its result (or error).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait: per-image deadline.")
-def submit(images, server, token, tls, ca_file, cert_file, key_file, model, task, text, region, max_new_tokens,
-           num_beams, priority, wait, timeout):
+def submit(images, server, token, tls, ca_file, cert_file, key_file, connect_timeout, model, task, text, region,
+           max_new_tokens, num_beams, priority, wait, timeout):
     """Queue a job per image and print its id at once (JSON Lines); the jobs run whether or not anyone
     waits. Follow one later with `florence2 job watch JOB_ID`."""
     files, parsed_task, parsed_region = _parse(images, task, region)
     failed = 0
-    with open_client(server, token, tls, ca_file, cert_file, key_file, timeout=30) as client:
+    with open_client(server, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=30) as client:
         model_name = model or _only_model(client)
         submitted = []
         for image in files:

@@ -18,6 +18,7 @@ from florence2_serve.common.proto_enums import TERMINAL_EVENT_TYPES, state_name,
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 
+from .connection import ServerUnreachable, check_tls_inputs, diagnose, with_default_port
 from .errors import Florence2Error, JobFailed
 from .image_input import ImageInput, image_bytes
 from .retry import RetryPolicy
@@ -83,13 +84,19 @@ class ClientCore:
                  load_balancing: str = "round_robin"):
         if load_balancing not in self.LOAD_BALANCING:
             raise ValueError(f"load_balancing must be one of {', '.join(self.LOAD_BALANCING)}, got {load_balancing!r}")
+        # Before any channel exists: gRPC's C core aborts the process on a certificate without its key.
+        check_tls_inputs(root_certificates, certificate_chain, private_key)
         self.load_balancing = load_balancing
-        self.address = address or os.environ.get("FLORENCE2_SERVER") or DEFAULT_ADDRESS
+        self.address = with_default_port(address or os.environ.get("FLORENCE2_SERVER") or DEFAULT_ADDRESS)
         self.token = token
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.tls = tls or root_certificates is not None or certificate_chain is not None
         self._tls_files = (root_certificates, private_key, certificate_chain)
+
+    def _unreachable(self, timeout: float) -> "ServerUnreachable":
+        root, key, chain = self._tls_files
+        return diagnose(self.address, self.tls, root, chain, key, timeout)
 
     def _metadata(self) -> tuple:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
