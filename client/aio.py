@@ -13,7 +13,7 @@ from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .core import ClientCore, DetectOutcome, DetectRunBase, RunState
+from .core import ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
 from .errors import Florence2Error, RpcError
 from .connection import network_problem
 from .image_input import ImageInput
@@ -104,8 +104,13 @@ class AsyncFlorence2Client(ClientCore):
         return list((await self._unary(self.stub.ListModels, pb.ListModelsRequest())).models)
 
     async def health(self, service: str = "") -> str:
+        """grpc.health.v1 status of the front end (""), the service, or a model by its name."""
         stub = health_pb2_grpc.HealthStub(self.channel)
-        response = await self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service), self.timeout or 5)
+        try:
+            response = await self._unary(stub.Check, health_pb2.HealthCheckRequest(service=service),
+                                         self.timeout or 5)
+        except RpcError as exc:
+            raise health_error(exc, service) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def run(self, spec: pb.JobSpec, timeout: float | None = None) -> AsyncIterator[pb.JobEvent]:

@@ -39,7 +39,8 @@ def cli(ctx, verbose: bool, log_format: str) -> None:
               help="Attention implementation for --model.")
 @click.option("--redis-url", envvar="REDIS_URL", default=None,
               help="Also check this Redis: reachable, version, persistence (env REDIS_URL).")
-@click.option("--server", default=None, help="Also check a running front end at host:port: health and models.")
+@click.option("--server", envvar="FLORENCE2_SERVER", default=None,
+              help="Also check a running front end at host:port: health and models (env FLORENCE2_SERVER).")
 def doctor(as_json: bool, model: str | None, device: str, attention: str, redis_url: str | None,
            server: str | None) -> None:
     """Versions, CUDA, flash-attn status, optional extras, what this environment can run; with flags, a
@@ -62,8 +63,15 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
     """Build a Florence-2 (or YOLOv8) checkpoint offline, with random weights (marked as such)."""
     from rich.console import Console
 
+    import time
+
     what = "YOLOv8n" if yolo else (f"{size} Microsoft-format Florence-2" if remote_code else f"{size} Florence-2")
-    with Console(stderr=True).status(f"building a {what} with random weights in {directory} …"):
+    expected = {"tiny": "seconds", "base": "a minute or two", "large": "several minutes"}[size]
+    click.echo(f"building a {what} with random weights in {directory} (takes {expected}) …", err=True)
+    started = time.monotonic()
+    console = Console(stderr=True)
+    with console.status(f"building a {what} …") as status:
+        ticker = _Ticker(lambda elapsed: status.update(f"building a {what} … {elapsed:.0f} s"))
         if yolo:
             from florence2_serve.worker.yolo import build_yolo
 
@@ -76,7 +84,29 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
             from florence2_serve.worker.model_builder import build_native
 
             path = build_native(directory, size=size)
+        ticker.stop()
+    click.echo(f"built in {time.monotonic() - started:.1f} s", err=True)
     click.echo(str(path))
+
+
+class _Ticker:
+    """Calls `show(elapsed_s)` every second on a thread of its own, so a long build shows it is alive."""
+
+    def __init__(self, show):
+        import threading
+        import time
+
+        self._stop = threading.Event()
+        started = time.monotonic()
+
+        def run():
+            while not self._stop.wait(1.0):
+                show(time.monotonic() - started)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 @cli.command()

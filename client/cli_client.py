@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .cli_common import call, connection_options, print_json
+from .cli_common import call, connection_options, plural, print_json
 from .json_output import to_json
 from .retry import NO_RETRY
 
@@ -23,10 +23,15 @@ def models(as_json, **connection):
     if not found:
         click.echo("no models (no worker has registered)")
     for model in found:
+        if not model.live_workers:  # what it can do is known from its workers only
+            click.echo(f"{model.name}: no live workers, {model.queue_depth} queued (kind and limits show once a "
+                       "worker registers)")
+            continue
         flag = " [random weights]" if model.random_weights else ""
         described = to_json(model)
-        click.echo(f"{model.name}: {described['kind']}, {model.live_workers} live workers, {model.queue_depth} queued, "
-                   f"max_new_tokens {model.max_new_tokens}, {described['source_format']} checkpoint{flag}")
+        click.echo(f"{model.name}: {described['kind']}, {plural(model.live_workers, 'live worker')}, "
+                   f"{model.queue_depth} queued, max_new_tokens {model.max_new_tokens}, "
+                   f"{described['source_format']} checkpoint{flag}")
         for worker in model.workers:
             converted = " converted" if worker.converted else ""
             click.echo(f"  {worker.worker_id} {worker.device} {worker.dtype} {worker.attention} "

@@ -85,6 +85,11 @@ def call(connection: dict, function, timeout: float | None = 10, retry: RetryPol
             fail(str(exc))
 
 
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """`1 image`, `2 images` (`nouns` for irregular plurals: `1 box`, `2 boxes`)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
 def print_json(data, indent: int | None = None) -> None:
     click.echo(json.dumps(data, indent=indent, ensure_ascii=False))
 

@@ -7,6 +7,7 @@ outstanding jobs on the server, prints what was written and exits 130; a second 
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -18,7 +19,7 @@ import click
 
 from florence2_serve.common.tasks import Task
 
-from .cli_common import connection_options, fail, open_client, print_json, target
+from .cli_common import connection_options, fail, open_client, plural, print_json, target
 from .client import Florence2Client
 from .core import DetectOutcome
 from .errors import Florence2Error, JobFailed, RpcError
@@ -29,11 +30,14 @@ TASK_NAMES = ", ".join(task.name for task in Task)
 TASK_HELP = f"Task: one of {TASK_NAMES} (or the <OD> form). DETECT is for YOLOv8 models."
 
 
-def task_options(function):
+MODEL_HELP = "Model name (see `florence2 models`). Default: the only model served."
+EMBEDDED_MODEL_HELP = ("Model name (see `florence2 models`); with --embedded [NAME=]PATH_OR_ID to run. "
+                       "Default: the only model served.")
+
+
+def task_options(function, model_help: str = MODEL_HELP):
     for option in reversed([
-        click.option("--model", default=None,
-                     help="Model name (see `florence2 models`); with --embedded [NAME=]PATH_OR_ID to run. "
-                          "Default: the only model served."),
+        click.option("--model", default=None, help=model_help),
         click.option("--task", default="OD", show_default=True, help=TASK_HELP),
         click.option("--text", default="", help="Text input, for the tasks that take it (grounding, "
                                                 "referring segmentation, open-vocabulary detection)."),
@@ -47,14 +51,37 @@ def task_options(function):
     return function
 
 
-def _parse(images, task, region) -> tuple[list[InputImage], Task, tuple | None]:
+# How the CLI names what a task is missing or does not take (common/tasks.validate_inputs' messages).
+FLAG_HINTS = (("needs text input", "pass --text"), ("takes no text input", "drop --text"),
+              ("needs a region", "pass --region x1,y1,x2,y2"), ("takes no region", "drop --region"))
+
+
+def _parse(images, task, text, region, draw_dir=None) -> tuple[list[InputImage], Task, tuple | None]:
+    """Every mistake in the arguments, once, before anything is sent (exit 2); the server checks again."""
+    from florence2_serve.common.tasks import validate_inputs
+
     try:
         parsed_task = Task.parse(task)
-        files = expand_inputs(list(images))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    try:
         parsed_region = tuple(float(v) for v in region.split(",")) if region else None
-        if parsed_region is not None and len(parsed_region) != 4:
-            raise ValueError("--region needs 4 numbers: x1,y1,x2,y2")
-    except (ValueError, FileNotFoundError) as exc:
+    except ValueError:
+        fail(f"--region takes 4 numbers x1,y1,x2,y2 in pixels, got {region!r}", 2)
+    if parsed_region is not None:
+        if len(parsed_region) != 4:
+            fail(f"--region takes 4 numbers x1,y1,x2,y2 in pixels, got {len(parsed_region)}", 2)
+        x1, y1, x2, y2 = parsed_region
+        if not (x2 > x1 and y2 > y1 and min(parsed_region) >= 0):
+            fail(f"--region {region}: need 0 <= x1 < x2 and 0 <= y1 < y2 (pixels)", 2)
+    try:
+        validate_inputs(parsed_task, text, parsed_region)
+    except ValueError as exc:
+        hint = next((f" ({flag})" for phrase, flag in FLAG_HINTS if phrase in str(exc)), "")
+        fail(f"{exc}{hint}", 2)
+    try:
+        files = expand_inputs(list(images), skip_dir=draw_dir)
+    except FileNotFoundError as exc:
         fail(str(exc), 2)
     if not files:
         fail("no images found", 2)
@@ -79,20 +106,29 @@ class Tally:
     cancelled: int = 0
     drawings: int = 0
     kept_beside: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, why)
 
     def line(self, total: int) -> str:
         elapsed = time.monotonic() - self.started
         done = self.succeeded + self.failed
-        parts = [f"{total} images: {self.succeeded} succeeded, {self.failed} failed"]
+        parts = [f"{plural(total, 'image')}: {self.succeeded} succeeded, {self.failed} failed"]
         if self.cancelled:
             parts.append(f"{self.cancelled} cancelled on the server")
         if total - done:
             parts.append(f"{total - done} not run")
-        parts.append(f"{elapsed:.1f} s, {done / elapsed if elapsed > 0 else 0:.1f} images/s")
+        rate = f", {self.succeeded / elapsed:.1f} images/s" if self.succeeded and elapsed > 0 else ""
+        parts.append(f"{elapsed:.1f} s{rate}")
         if self.drawings:
-            parts.append(f"{self.drawings} drawings" + (f" ({self.kept_beside} beside existing files; "
-                                                        "--overwrite replaces)" if self.kept_beside else ""))
+            parts.append(plural(self.drawings, "drawing") + (f" ({self.kept_beside} beside existing files; "
+                                                              "--overwrite replaces)" if self.kept_beside else ""))
         return "; ".join(parts)
+
+    def failed_lines(self, shown: int = 20) -> list[str]:
+        """Which inputs failed, and why: for a summary whose result lines went to a file or a pipe."""
+        lines = [f"  {image}: {why}" for image, why in self.failures[:shown]]
+        if len(self.failures) > shown:
+            lines.append(f"  … and {len(self.failures) - shown} more (see the output's error lines)")
+        return (["failed:"] + lines) if lines else []
 
 
 def _describe(outcome: DetectOutcome, as_json: bool, task: Task) -> str:
@@ -110,9 +146,10 @@ def _describe(outcome: DetectOutcome, as_json: bool, task: Task) -> str:
     result = outcome.result
     parts = []
     if result.boxes:
-        parts.append(f"{len(result.boxes)} boxes: " + ", ".join(b.label or "?" for b in result.boxes))
+        parts.append(f"{plural(len(result.boxes), 'box', 'boxes')}: " + ", ".join(b.label or "?" for b in result.boxes))
     if result.polygons:
-        parts.append(f"{len(result.polygons)} polygons: " + ", ".join(p.label or "?" for p in result.polygons))
+        parts.append(f"{plural(len(result.polygons), 'polygon')}: "
+                     + ", ".join(p.label or "?" for p in result.polygons))
     if result.text:
         parts.append(repr(result.text))
     return (f"{image.path}: {'; '.join(parts) or 'nothing found'} "
@@ -131,7 +168,7 @@ def _error_json(error: Florence2Error) -> dict:
 @click.command()
 @click.argument("images", nargs=-1, required=True)
 @connection_options
-@task_options
+@functools.partial(task_options, model_help=EMBEDDED_MODEL_HELP)
 @click.option("--embedded", is_flag=True, help="Run valkey + front end + one worker for this command only.")
 @click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one per image (with its job_id).")
 @click.option("--draw", "draw_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -150,7 +187,7 @@ def detect(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
 
     Exit 0 when every image succeeded, 1 when any failed, 130 after Ctrl-C.
     """
-    files, parsed_task, parsed_region = _parse(images, task, region)
+    files, parsed_task, parsed_region = _parse(images, task, text, region, draw_dir)
     worker_args = ["--device", device] if device else []
     with target(server, embedded, model, worker_args) as (address, model_name):
         with open_client(address, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=None) as client:
@@ -179,9 +216,12 @@ def _drive(run, files, task: Task, region, as_json: bool, draw_dir: Path | None,
 
     previous = signal.signal(signal.SIGINT, on_interrupt)
     show = len(files) > 1 and sys.stderr.isatty()
+    # Results and the bar on one terminal: both through one console, so a line never lands inside the bar.
+    shared = show and sys.stdout.isatty()
+    console = Console(file=sys.stdout) if shared else Console(stderr=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, console=Console(stderr=True), disable=not show, transient=True,
+        with Progress(*columns, console=console, disable=not show, transient=True,
                       speed_estimate_period=60) as progress:
             bar = progress.add_task("images", total=len(files))
             for outcome in run:
@@ -192,20 +232,32 @@ def _drive(run, files, task: Task, region, as_json: bool, draw_dir: Path | None,
                         _draw(outcome, task, region, draw_dir, overwrite, tally)
                 else:
                     tally.failed += 1
-                click.echo(_describe(outcome, as_json, task))
+                    tally.failures.append((str(outcome.source), str(outcome.error)))
+                line = _describe(outcome, as_json, task)
+                if shared:
+                    progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                else:
+                    click.echo(line)
                 if fail_fast and not outcome.ok and not interrupted:
                     click.echo("--fail-fast: stopping at the first failure", err=True)
                     interrupted.append(False)
                     tally.cancelled += run.cancel()
     except KeyboardInterrupt:
-        click.echo(tally.line(len(files)), err=True)
+        _summary(tally, len(files))
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    click.echo(tally.line(len(files)), err=True)
+    _summary(tally, len(files))
     if interrupted and interrupted[0]:
         return 130
     return 1 if tally.failed or interrupted else 0
+
+
+def _summary(tally: Tally, total: int) -> None:
+    click.echo(tally.line(total), err=True)
+    if not sys.stdout.isatty():  # the result lines went elsewhere: say here which inputs failed
+        for line in tally.failed_lines():
+            click.echo(line, err=True)
 
 
 def _draw(outcome: DetectOutcome, task: Task, region, draw_dir: Path, overwrite: bool, tally: Tally) -> None:
@@ -234,7 +286,7 @@ def submit(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
            max_new_tokens, num_beams, priority, wait, timeout):
     """Queue a job per image and print its id at once (JSON Lines); the jobs run whether or not anyone
     waits. Follow one later with `florence2 job watch JOB_ID`."""
-    files, parsed_task, parsed_region = _parse(images, task, region)
+    files, parsed_task, parsed_region = _parse(images, task, text, region)
     failed = 0
     with open_client(server, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=30) as client:
         model_name = model or _only_model(client)

@@ -156,7 +156,8 @@ def _diagnose_protocol(address, sock, host, tls, root, chain, key, timeout) -> S
             with context.wrap_socket(sock, server_hostname=host) as secure:
                 secure.settimeout(min(timeout, 1.0))
                 secure.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
-                secure.recv(1)  # TLS 1.3: a refused client certificate is only told here
+                if not secure.recv(1):  # TLS 1.3: a missing or refused client certificate shows only here
+                    raise ConnectionResetError("closed by the server after the handshake")
         except ssl.SSLCertVerificationError as exc:
             if "mismatch" in (exc.verify_message or ""):
                 return ServerUnreachable(address, f"its certificate does not name {host} ({exc.verify_message})",
@@ -180,9 +181,10 @@ def _diagnose_protocol(address, sock, host, tls, root, chain, key, timeout) -> S
             pass  # the handshake held: the TLS settings are not the problem
         except OSError as exc:
             if chain is None:
-                return ServerUnreachable(address, "the server closed the TLS connection (it may require a client "
-                                                  "certificate)", "pass --cert CERT.pem and --key KEY.pem")
-            return ServerUnreachable(address, f"the TLS connection was closed ({exc.strerror or exc})",
-                                     "check --tls, --ca, --cert and --key")
+                return ServerUnreachable(address, "the server requires a client certificate (mutual TLS)",
+                                         "pass --cert CERT.pem and --key KEY.pem")
+            return ServerUnreachable(address, f"the server closed the TLS connection ({exc.strerror or exc}): it "
+                                              "may not accept this client certificate",
+                                     "use one signed by the CA the server trusts (its --tls-client-ca)")
     return ServerUnreachable(address, "TLS works but no gRPC connection came up in time",
                              "is it a florence2 front end? try a longer --connect-timeout")

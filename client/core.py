@@ -19,7 +19,7 @@ from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 
 from .connection import ServerUnreachable, check_tls_inputs, diagnose, with_default_port
-from .errors import Florence2Error, JobFailed
+from .errors import Florence2Error, JobFailed, RpcError
 from .image_input import ImageInput, image_bytes
 from .retry import RetryPolicy
 
@@ -63,6 +63,14 @@ def task_request(item) -> tuple[Task, str, tuple | None]:
     parts = item if isinstance(item, tuple) else (item,)
     task, text, region = parts[0], parts[1] if len(parts) > 1 else "", parts[2] if len(parts) > 2 else None
     return (task if isinstance(task, Task) else Task.parse(task)), text, region
+
+
+def health_error(error: "RpcError", service: str) -> "RpcError":
+    """The health service answers an unknown name with a bare NOT_FOUND: say what was not found."""
+    if error.code() == grpc.StatusCode.NOT_FOUND and not error.details():
+        return RpcError(grpc.StatusCode.NOT_FOUND, f"no model {service!r} has registered (see `florence2 models`)",
+                        "UNKNOWN_MODEL")
+    return error
 
 
 class ClientCore:

@@ -3,8 +3,7 @@
 `result` is a Result as client.to_json gives it (coordinates in input-image pixels). Outlines get a
 dark halo so they show on objects of their own colour; polygons a translucent fill; labels sit on
 a solid plate, placed where they overlap no earlier label and stay inside the image; text results
-(captions, OCR) are written in a band at the bottom; a region task that found nothing shows its
-input region and says so.
+(captions, OCR) are written in a band at the bottom; a region task shows the region it asked about.
 """
 
 from __future__ import annotations
@@ -97,11 +96,19 @@ def _pairs(points: list[float]) -> list[tuple[float, float]]:
 def draw_result(image: Image.Image, result: dict, region: tuple[float, float, float, float] | None = None) -> Image.Image:
     """The drawing of `result` on `image`; `region` is the request's input region, if any."""
     canvas = _Canvas(image)
+    if region is not None:  # the region asked about, under what was found in it
+        canvas.box(*region, (255, 255, 255))
+        canvas.label(region[0], region[1], "region", (90, 90, 90))
     for box in result.get("boxes", []):
+        # Drawn normalised (x1 <= x2, y1 <= y2); a box with no area is not drawn (README "Results").
+        x1, x2 = sorted((box["x1"], box["x2"]))
+        y1, y2 = sorted((box["y1"], box["y2"]))
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            continue
         color = canvas.color(box.get("label", ""))
-        canvas.box(box["x1"], box["y1"], box["x2"], box["y2"], color)
+        canvas.box(x1, y1, x2, y2, color)
         score = box.get("score")
-        canvas.label(box["x1"], box["y1"], box.get("label", "") + (f" {score:.2f}" if score is not None else ""), color)
+        canvas.label(x1, y1, box.get("label", "") + (f" {score:.2f}" if score is not None else ""), color)
     for polygon in result.get("polygons", []):
         color = canvas.color(polygon.get("label", ""))
         rings = [_pairs(ring["points"]) for ring in polygon.get("rings", [])]
@@ -117,11 +124,8 @@ def draw_result(image: Image.Image, result: dict, region: tuple[float, float, fl
         canvas.outline(points, color)
         canvas.label(points[0][0], points[0][1], quad.get("text", "").strip(), color)
     found = result.get("boxes") or result.get("polygons") or result.get("ocr")
-    if region is not None and not found:
-        canvas.box(*region, (255, 255, 255))
-        canvas.label(region[0], region[1], "no result", (90, 90, 90))
     band = result.get("text", "") if not result.get("ocr") else ""
-    if not band and not found and region is None:
+    if not band and not found:
         band = "no result"
     return canvas.finish(band)
 

@@ -22,7 +22,10 @@ def image_bytes(image: ImageInput) -> bytes:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"no such image file: {path}")
-        return path.read_bytes()
+        data = path.read_bytes()
+        if not data:
+            raise ValueError(f"{path}: the file is empty")
+        return data
     if type(image).__module__.split(".")[0] == "PIL":
         return _png(image)
     if type(image).__module__ == "numpy":

@@ -112,8 +112,10 @@ class JobStore:
             if not workers:
                 known = await self.models()
                 if model not in known:
-                    shown = ", ".join(known[:20]) + (", …" if len(known) > 20 else "")
-                    raise NoWorker(f"unknown model {model!r}; models with workers: {shown or 'none'}", known=False)
+                    live = [name for name in known[:50] if await self.live_workers(name)]
+                    shown = ", ".join(live[:20]) + (", …" if len(live) > 20 else "")
+                    raise NoWorker(f"unknown model {model!r}; models with live workers: {shown or 'none'}",
+                                   known=False)
                 raise NoWorker(
                     f"no live worker for model {model!r}; start one with: florence2 worker --model {model}=PATH",
                     known=True)

@@ -168,15 +168,17 @@ class LocalStack:
                 raise StackError(str(exc)) from None
         else:
             self.redis_url = self._start_redis()
+        # The ports open once every worker is live: a client never meets a model `up` was told to serve
+        # as unknown (its worker still loading); until then it finds nothing listening.
+        for name, path in self.specs:
+            for index in range(self.config.workers):
+                self.workers.append(self._spawn(name, path, index))
+        self.wait_ready()
         self.front = FrontEndThread(replace(settings, redis_url=self.redis_url))
         self.front.start()
         self.front.ready.wait(timeout=30)
         if self.front.error is not None:
             raise StackError(str(self.front.error))
-        for name, path in self.specs:
-            for index in range(self.config.workers):
-                self.workers.append(self._spawn(name, path, index))
-        self.wait_ready()
         self._supervisor = threading.Thread(target=self._supervise, name="florence2-supervisor", daemon=True)
         self._supervisor.start()
 

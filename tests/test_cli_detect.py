@@ -73,14 +73,12 @@ def test_every_line_has_the_job_id_and_a_summary_follows(noop_stack, photos):
 
 def test_fail_fast_stops_at_the_first_failure(noop_stack, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for i in range(30):
-        Image.new("RGB", (16, 16)).save(tmp_path / f"{i:02d}.png")
-    # Grounding without --text fails the same way for every image.
-    result = _detect(noop_stack, str(tmp_path), "--task", "CAPTION_TO_PHRASE_GROUNDING", "--concurrency", "2",
-                     "--fail-fast", "--json")
+    for i in range(30):  # named as images, but not images: the server refuses each
+        (tmp_path / f"{i:02d}.png").write_bytes(b"not a png at all")
+    result = _detect(noop_stack, str(tmp_path), "--concurrency", "2", "--fail-fast", "--json")
     assert result.exit_code == 1
     failures = [line for line in _json_lines(result.output) if "error" in line]
-    assert failures[0]["error"]["reason"] == "INVALID_FIELD" and len(failures) < 30
+    assert failures[0]["error"]["reason"] == "IMAGE_UNREADABLE" and len(failures) < 30
     assert "--fail-fast" in result.output and "not run" in result.output
 
 
