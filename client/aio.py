@@ -141,7 +141,7 @@ class AsyncFlorence2Client(ClientCore):
                 call.cancel()
             delay = attempts.next_delay(error)
             if delay is None:
-                raise error
+                raise state.timed_out(error, timeout, submitted_here=spec is not None)
             await asyncio.sleep(delay)
 
     async def detect(self, image: ImageInput, model: str, task: Task | str = Task.OD, timeout: float | None = None,

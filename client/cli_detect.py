@@ -38,7 +38,8 @@ EMBEDDED_MODEL_HELP = ("Model name (see `florence2 models`); with --embedded [NA
 def task_options(function, model_help: str = MODEL_HELP):
     for option in reversed([
         click.option("--model", default=None, help=model_help),
-        click.option("--task", default="OD", show_default=True, help=TASK_HELP),
+        click.option("--task", default=None, help=TASK_HELP + " Default: OD, or DETECT for a model that serves only "
+                                                               "DETECT (YOLO)."),
         click.option("--text", default="", help="Text input, for the tasks that take it (grounding, "
                                                 "referring segmentation, open-vocabulary detection)."),
         click.option("--region", default=None, help="x1,y1,x2,y2 in pixels, for the REGION_TO_* tasks."),
@@ -98,6 +99,18 @@ def _only_model(client: Florence2Client) -> str:
     return models[0]
 
 
+def _default_task(client: Florence2Client, model: str) -> Task:
+    """OD, unless the model serves DETECT and not OD (a YOLO model)."""
+    from florence2_serve.common.proto_enums import task_from_proto
+
+    try:
+        info = next((m for m in client.list_models() if m.name == model), None)
+    except Florence2Error:
+        return Task.OD  # the job's own call reports what is wrong
+    tasks = {task_from_proto(t) for t in info.tasks} if info is not None else set()
+    return Task.DETECT if Task.DETECT in tasks and Task.OD not in tasks else Task.OD
+
+
 @dataclass
 class Tally:
     started: float = field(default_factory=time.monotonic)
@@ -131,16 +144,43 @@ class Tally:
         return (["failed:"] + lines) if lines else []
 
 
-def _describe(outcome: DetectOutcome, as_json: bool, task: Task) -> str:
+class Output:
+    """What stdout gets per outcome in each --format (and, for coco, once at the end)."""
+
+    def __init__(self, output_format: str, task: Task):
+        from .export import CocoDocument, CsvRows
+
+        self.format, self.task = output_format, task
+        self.csv = CsvRows() if output_format == "csv" else None
+        self.coco = CocoDocument() if output_format == "coco" else None
+        self.header = self.csv.header() if self.csv else None
+
+    def lines(self, outcome: DetectOutcome) -> list[str]:
+        image: InputImage = outcome.source
+        if self.format == "jsonl":
+            line = {"image": str(image.path), "job_id": outcome.job_id, "request_id": outcome.request_id,
+                    "task": self.task.name}
+            if outcome.ok:
+                line["result"] = to_json(outcome.result)
+            else:
+                line["error"] = _error_json(outcome.error)
+            return [json.dumps(line, ensure_ascii=False)]
+        if self.csv is not None:
+            return self.csv.lines(str(image.path), outcome.job_id, self.task.name,
+                                  to_json(outcome.result) if outcome.ok else None, str(outcome.error))
+        if self.coco is not None:
+            if outcome.ok:
+                self.coco.add(str(image.path), to_json(outcome.result))
+            return []
+        return [_describe(outcome)]
+
+    def finish(self) -> None:
+        if self.coco is not None:
+            click.echo(self.coco.document())
+
+
+def _describe(outcome: DetectOutcome) -> str:
     image: InputImage = outcome.source
-    if as_json:
-        line = {"image": str(image.path), "job_id": outcome.job_id, "request_id": outcome.request_id,
-                "task": task.name}
-        if outcome.ok:
-            line["result"] = to_json(outcome.result)
-        else:
-            line["error"] = _error_json(outcome.error)
-        return json.dumps(line, ensure_ascii=False)
     if not outcome.ok:
         return f"{image.path}: FAILED {outcome.error} (job {outcome.job_id or '-'})"
     result = outcome.result
@@ -170,7 +210,10 @@ def _error_json(error: Florence2Error) -> dict:
 @connection_options
 @functools.partial(task_options, model_help=EMBEDDED_MODEL_HELP)
 @click.option("--embedded", is_flag=True, help="Run valkey + front end + one worker for this command only.")
-@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one per image (with its job_id).")
+@click.option("--json", "as_json", is_flag=True, help="JSON Lines on stdout, one per image (--format jsonl).")
+@click.option("--format", "output_format", type=click.Choice(["text", "jsonl", "csv", "coco"]), default=None,
+              help="stdout: text lines (default), jsonl (one JSON object per image, with its job_id), csv (one row "
+                   "per box, polygon or OCR quad) or coco (one COCO-style JSON document at the end).")
 @click.option("--draw", "draw_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Save each image with its result drawn, below this directory at the image's relative path, "
                    "the task in the name (img.jpg -> DIR/img.jpg.od.png).")
@@ -181,31 +224,38 @@ def _error_json(error: Florence2Error) -> dict:
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image: cancel the rest, exit 1.")
 @click.option("--device", default=None, help="With --embedded: the worker's device (auto, cpu, cuda:0).")
 def detect(images, server, token, tls, ca_file, cert_file, key_file, connect_timeout, model, task, text, region,
-           max_new_tokens, num_beams, priority, embedded, as_json, draw_dir, overwrite, concurrency, timeout, fail_fast,
-           device):
+           max_new_tokens, num_beams, priority, embedded, as_json, output_format, draw_dir, overwrite, concurrency,
+           timeout, fail_fast, device):
     """Run a task on IMAGES (files, directories, globs); print one line per image as it completes.
 
     Exit 0 when every image succeeded, 1 when any failed, 130 after Ctrl-C.
     """
-    files, parsed_task, parsed_region = _parse(images, task, text, region, draw_dir)
+    if as_json and output_format not in (None, "jsonl"):
+        fail(f"--json is --format jsonl; it cannot go with --format {output_format}", 2)
+    output_format = "jsonl" if as_json else (output_format or "text")
+    files, parsed_task, parsed_region = _parse(images, task or "OD", text, region, draw_dir)
     worker_args = ["--device", device] if device else []
     with target(server, embedded, model, worker_args) as (address, model_name):
         with open_client(address, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=None) as client:
             model_name = model_name or _only_model(client)
+            parsed_task = parsed_task if task else _default_task(client, model_name)
             run = client.detect_many(files, model_name, parsed_task, concurrency=concurrency, timeout=timeout,
                                      text=text, region=parsed_region, max_new_tokens=max_new_tokens,
                                      num_beams=num_beams, priority=priority, cancel_on_disconnect=True)
-            code = _drive(run, files, parsed_task, parsed_region, as_json, draw_dir, overwrite, fail_fast)
+            code = _drive(run, files, parsed_task, parsed_region, output_format, draw_dir, overwrite, fail_fast)
     sys.exit(code)
 
 
-def _drive(run, files, task: Task, region, as_json: bool, draw_dir: Path | None, overwrite: bool,
+def _drive(run, files, task: Task, region, output_format: str, draw_dir: Path | None, overwrite: bool,
            fail_fast: bool) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     tally = Tally()
     interrupted = []
+    output = Output(output_format, task)
+    if output.header:
+        click.echo(output.header)
 
     def on_interrupt(*_):
         if interrupted:
@@ -233,20 +283,22 @@ def _drive(run, files, task: Task, region, as_json: bool, draw_dir: Path | None,
                 else:
                     tally.failed += 1
                     tally.failures.append((str(outcome.source), str(outcome.error)))
-                line = _describe(outcome, as_json, task)
-                if shared:
-                    progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
-                else:
-                    click.echo(line)
+                for line in output.lines(outcome):
+                    if shared:
+                        progress.console.print(line, markup=False, highlight=False, soft_wrap=True)
+                    else:
+                        click.echo(line)
                 if fail_fast and not outcome.ok and not interrupted:
                     click.echo("--fail-fast: stopping at the first failure", err=True)
                     interrupted.append(False)
                     tally.cancelled += run.cancel()
     except KeyboardInterrupt:
+        output.finish()
         _summary(tally, len(files))
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+    output.finish()
     _summary(tally, len(files))
     if interrupted and interrupted[0]:
         return 130
@@ -286,10 +338,11 @@ def submit(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
            max_new_tokens, num_beams, priority, wait, timeout):
     """Queue a job per image and print its id at once (JSON Lines); the jobs run whether or not anyone
     waits. Follow one later with `florence2 job watch JOB_ID`."""
-    files, parsed_task, parsed_region = _parse(images, task, text, region)
+    files, parsed_task, parsed_region = _parse(images, task or "OD", text, region)
     failed = 0
     with open_client(server, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=30) as client:
         model_name = model or _only_model(client)
+        parsed_task = parsed_task if task else _default_task(client, model_name)
         submitted = []
         for image in files:
             line = {"image": str(image.path), "task": parsed_task.name}

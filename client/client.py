@@ -154,7 +154,7 @@ class Florence2Client(ClientCore):
                 call.cancel()
             delay = attempts.next_delay(error)
             if delay is None:
-                raise error
+                raise state.timed_out(error, timeout, submitted_here=spec is not None)
             time.sleep(delay)
 
     # -- results -------------------------------------------------------------------------------------

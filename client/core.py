@@ -31,12 +31,13 @@ def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: st
              region: tuple[float, float, float, float] | None = None, request_id: str | None = None,
              priority: int = 0, num_beams: int = 0, max_new_tokens: int = 0, min_new_tokens: int = 0,
              repetition_penalty: float = 0.0, timeout_s: float | None = None,
-             cancel_on_disconnect: bool = False, more_tasks: Iterable = ()) -> pb.JobSpec:
+             cancel_on_disconnect: bool = False, more_tasks: Iterable = (), channels: str = "rgb") -> pb.JobSpec:
     """A JobSpec; `request_id` defaults to a fresh UUID, which makes retries of it safe. `more_tasks`:
-    further tasks on the same image, each a Task (or its name) or a (task, text[, region]) tuple."""
+    further tasks on the same image, each a Task (or its name) or a (task, text[, region]) tuple.
+    `channels="bgr"`: a numpy image is in OpenCV's BGR(A) order (default RGB(A))."""
     task = task if isinstance(task, Task) else Task.parse(task)
     spec = pb.JobSpec(
-        model=model, task=task_to_proto(task), image=image_bytes(image), text=text,
+        model=model, task=task_to_proto(task), image=image_bytes(image, channels), text=text,
         request_id=request_id if request_id is not None else str(uuid.uuid4()), priority=priority,
         generation=pb.GenerationOptions(num_beams=num_beams, max_new_tokens=max_new_tokens,
                                         min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty),
@@ -159,6 +160,24 @@ class RunState:
         if not self.job_id and spec is not None:
             return "Run", pb.RunRequest(job=spec)
         return "Watch", pb.WatchRequest(job_id=self.job_id, after_event_id=self.last_event_id)
+
+    def timed_out(self, error: "RpcError", timeout: float | None, submitted_here: bool) -> "RpcError":
+        """A DEADLINE_EXCEEDED of our own timeout (not the service's): say so, and what became of the job.
+        A job this call submitted (Run) carries the call's deadline and ends EXPIRED with it; a job only
+        waited on (Watch) runs on."""
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED or error.reason:
+            return error
+        if not self.job_id:
+            fate = "the job may not have been created"
+        elif submitted_here:
+            fate = (f"job {self.job_id} had the same deadline and ends EXPIRED (get_job({self.job_id!r}) shows it; "
+                    "submit() then wait() to keep a job running past a wait)")
+        else:
+            fate = f"job {self.job_id} runs on: wait({self.job_id!r}) or get_job({self.job_id!r}) later"
+        timed = RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, f"gave up waiting after {timeout:g} s; {fate}",
+                         "DEADLINE_EXCEEDED")
+        timed.job_id = self.job_id
+        return timed
 
     def outcome(self) -> pb.Result:
         """The result, or JobFailed."""

@@ -27,6 +27,7 @@ class RpcError(Florence2Error, grpc.RpcError):
         self.violations = violations or []
         self.retry_delay_s = retry_delay_s
         self.domain = ""  # ErrorInfo.domain: "florence2-serve.v1" for this service's own errors
+        self.job_id = ""  # set when the client gave up waiting on a job that runs on (DEADLINE_EXCEEDED)
 
     def code(self) -> grpc.StatusCode:
         return self.status_code

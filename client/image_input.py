@@ -12,8 +12,16 @@ from typing import Any, Union
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Any]
 
 
-def image_bytes(image: ImageInput) -> bytes:
-    """The encoded image to send. PIL images and arrays are encoded as PNG: lossless, whatever the mode."""
+CHANNEL_ORDERS = ("rgb", "bgr")
+
+
+def image_bytes(image: ImageInput, channels: str = "rgb") -> bytes:
+    """The encoded image to send. PIL images and arrays are encoded as PNG: lossless, whatever the mode.
+
+    A numpy array's colour channels are read as RGB(A); `channels="bgr"` for OpenCV's order (`cv2.imread`
+    gives BGR, BGRA with an alpha channel). Other inputs carry their own colour order and ignore it."""
+    if channels not in CHANNEL_ORDERS:
+        raise ValueError(f"channels must be 'rgb' or 'bgr', got {channels!r}")
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
     if isinstance(image, str) and image.startswith(("http://", "https://")):
@@ -35,6 +43,8 @@ def image_bytes(image: ImageInput) -> bytes:
             raise TypeError(f"a numpy image must be uint8 with shape (H, W), (H, W, 3) or (H, W, 4); got "
                             f"{image.dtype.name} {tuple(image.shape)}")
         array = image[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else image
+        if channels == "bgr" and array.ndim == 3:
+            array = array[:, :, [2, 1, 0, 3][: array.shape[2]]]  # BGR(A) -> RGB(A); alpha stays last
         return _png(Image.fromarray(array))
     if callable(getattr(image, "read", None)):
         data = image.read()

@@ -1,8 +1,8 @@
 """One JSON convention for every output of the client and the CLI.
 
 Enum values by their short names (`OD`, `SUCCEEDED`, `DONE`, `FLORENCE2`: no proto prefixes), every
-field present even at its zero value, field names as in the proto; `raw_text` as generated beside the
-cleaned `text`.
+field present even at its zero value, field names as in the proto, float32 coordinates and scores at
+their 7 significant digits (34.24, not 34.2400016784668); `raw_text` beside the cleaned `text`.
 """
 
 from __future__ import annotations
@@ -42,14 +42,22 @@ _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescript
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
 
 
+def _float32(value):
+    """A float32 as the decimal it stands for (34.2400016784668 -> 34.24): its 7 significant digits."""
+    return float(f"{value:.7g}") if isinstance(value, float) else value
+
+
 def _numbers(descriptor, data: dict) -> dict:
-    """64-bit integers as numbers (proto3 JSON writes them as strings; a person reading counts wants numbers)."""
+    """64-bit integers as numbers (proto3 JSON writes them as strings; a person reading counts wants numbers),
+    and 32-bit floats (coordinates, scores) without float32's trailing noise."""
     for field in descriptor.fields:
         if field.name not in data:
             continue
         value = data[field.name]
         if field.type in _INT64:
             data[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif field.type == FieldDescriptor.TYPE_FLOAT:
+            data[field.name] = [_float32(v) for v in value] if isinstance(value, list) else _float32(value)
         elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, dict):

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import io
+import json
 import os
 
 import grpc
 import pytest
+from click.testing import CliRunner
 
 from conftest import unused_port
 
+from florence2_serve.client.cli import cli
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 from florence2_serve.worker.backends import create_engine
@@ -92,6 +96,21 @@ def test_detect_through_the_service(yolo_dir, tmp_path):
             assert models["yolo"].random_weights and models["yolo"].workers[0].attention == "-"
             assert models["yolo"].kind == pb.MODEL_KIND_YOLOV8 and list(models["yolo"].tasks) == [pb.TASK_TYPE_DETECT]
             assert models["yolo"].max_new_tokens == 0 and models["yolo"].max_text_tokens == 0
+        # The CLI picks DETECT for a model that serves only DETECT, and writes COCO and CSV of its boxes.
+        image = tmp_path / "lesson.jpg"
+        image.write_bytes(buffer.getvalue())
+        address = f"127.0.0.1:{front.port}"
+        coco = CliRunner().invoke(cli, ["detect", str(image), "--server", address, "--model", "yolo", "--format", "coco"])
+        assert coco.exit_code == 0, coco.output
+        document = json.loads(coco.output.splitlines()[0])
+        assert document["images"] == [{"id": 1, "file_name": str(image), "width": 640, "height": 480}]
+        assert len(document["annotations"]) == len(result.boxes)
+        assert all(a["score"] > 0 and a["bbox"][2] >= 0 and a["image_id"] == 1 for a in document["annotations"])
+        assert {c["id"] for c in document["categories"]} == {a["category_id"] for a in document["annotations"]}
+        table = CliRunner().invoke(cli, ["detect", str(image), "--server", address, "--model", "yolo", "--format", "csv"])
+        rows = list(csv.DictReader(io.StringIO(table.output.split("\n1 image:")[0])))
+        assert len(rows) == len(result.boxes) and {r["task"] for r in rows} == {"DETECT"}
+        assert all(r["kind"] == "box" and float(r["score"]) > 0 for r in rows)
     finally:
         assert worker.stop() == 0
         front.stop()
