@@ -47,6 +47,12 @@ def task_options(function, model_help: str = MODEL_HELP):
         click.option("--num-beams", type=int, default=0, help="0: the default (3)."),
         click.option("--priority", type=click.IntRange(0, 9), default=0, show_default=True,
                      help="0-9, higher runs sooner."),
+        click.option("--confidence", type=click.FloatRange(0, 1), default=None,
+                     help="DETECT (YOLO): keep boxes scoring at least this (worker default 0.25)."),
+        click.option("--iou", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="DETECT (YOLO): merge boxes overlapping more than this (worker default 0.7)."),
+        click.option("--max-detections", type=click.IntRange(1, 1000), default=None,
+                     help="DETECT (YOLO): at most this many boxes per image (worker default 300)."),
     ]):
         function = option(function)
     return function
@@ -97,6 +103,16 @@ def _only_model(client: Florence2Client) -> str:
     if len(models) != 1:
         fail(f"pass --model; models with live workers: {', '.join(models) or 'none'}", 2)
     return models[0]
+
+
+def _detection_options(task: Task, confidence, iou, max_detections) -> dict:
+    """The DETECT options given, as job_spec keywords; a usage error for another task (exit 2)."""
+    given = {k: v for k, v in (("confidence", confidence), ("iou", iou), ("max_detections", max_detections))
+             if v is not None}
+    if given and task is not Task.DETECT:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        fail(f"{flags} apply to the DETECT task (YOLO models), not {task.name}", 2)
+    return given
 
 
 def _default_task(client: Florence2Client, model: str) -> Task:
@@ -224,8 +240,8 @@ def _error_json(error: Florence2Error) -> dict:
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed image: cancel the rest, exit 1.")
 @click.option("--device", default=None, help="With --embedded: the worker's device (auto, cpu, cuda:0).")
 def detect(images, server, token, tls, ca_file, cert_file, key_file, connect_timeout, model, task, text, region,
-           max_new_tokens, num_beams, priority, embedded, as_json, output_format, draw_dir, overwrite, concurrency,
-           timeout, fail_fast, device):
+           max_new_tokens, num_beams, priority, confidence, iou, max_detections, embedded, as_json, output_format,
+           draw_dir, overwrite, concurrency, timeout, fail_fast, device):
     """Run a task on IMAGES (files, directories, globs); print one line per image as it completes.
 
     Exit 0 when every image succeeded, 1 when any failed, 130 after Ctrl-C.
@@ -241,7 +257,8 @@ def detect(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
             parsed_task = parsed_task if task else _default_task(client, model_name)
             run = client.detect_many(files, model_name, parsed_task, concurrency=concurrency, timeout=timeout,
                                      text=text, region=parsed_region, max_new_tokens=max_new_tokens,
-                                     num_beams=num_beams, priority=priority, cancel_on_disconnect=True)
+                                     num_beams=num_beams, priority=priority, cancel_on_disconnect=True,
+                                     **_detection_options(parsed_task, confidence, iou, max_detections))
             code = _drive(run, files, parsed_task, parsed_region, output_format, draw_dir, overwrite, fail_fast)
     sys.exit(code)
 
@@ -335,7 +352,7 @@ def _draw(outcome: DetectOutcome, task: Task, region, draw_dir: Path, overwrite:
 @click.option("--wait", is_flag=True, help="Also wait for each job and print its result (or error).")
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="With --wait: per-image deadline.")
 def submit(images, server, token, tls, ca_file, cert_file, key_file, connect_timeout, model, task, text, region,
-           max_new_tokens, num_beams, priority, wait, timeout):
+           max_new_tokens, num_beams, priority, confidence, iou, max_detections, wait, timeout):
     """Queue a job per image and print its id at once (JSON Lines); the jobs run whether or not anyone
     waits. Follow one later with `florence2 job watch JOB_ID`."""
     files, parsed_task, parsed_region = _parse(images, task or "OD", text, region)
@@ -348,7 +365,8 @@ def submit(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
             line = {"image": str(image.path), "task": parsed_task.name}
             try:
                 spec = client.spec(image.path, model_name, parsed_task, text=text, region=parsed_region,
-                                   max_new_tokens=max_new_tokens, num_beams=num_beams, priority=priority)
+                                   max_new_tokens=max_new_tokens, num_beams=num_beams, priority=priority,
+                                   **_detection_options(parsed_task, confidence, iou, max_detections))
                 response = client.submit(spec)
                 line.update(job_id=response.job_id, request_id=spec.request_id, created=response.created)
                 submitted.append((line, response.job_id))

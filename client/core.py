@@ -31,10 +31,12 @@ def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: st
              region: tuple[float, float, float, float] | None = None, request_id: str | None = None,
              priority: int = 0, num_beams: int = 0, max_new_tokens: int = 0, min_new_tokens: int = 0,
              repetition_penalty: float = 0.0, timeout_s: float | None = None,
-             cancel_on_disconnect: bool = False, more_tasks: Iterable = (), channels: str = "rgb") -> pb.JobSpec:
+             cancel_on_disconnect: bool = False, more_tasks: Iterable = (), channels: str = "rgb",
+             confidence: float | None = None, iou: float | None = None, max_detections: int = 0) -> pb.JobSpec:
     """A JobSpec; `request_id` defaults to a fresh UUID, which makes retries of it safe. `more_tasks`:
     further tasks on the same image, each a Task (or its name) or a (task, text[, region]) tuple.
-    `channels="bgr"`: a numpy image is in OpenCV's BGR(A) order (default RGB(A))."""
+    `channels="bgr"`: a numpy image is in OpenCV's BGR(A) order (default RGB(A)). `confidence`, `iou` and
+    `max_detections` tune a DETECT (YOLO) job's boxes (unset: the worker's 0.25, 0.7 and 300)."""
     task = task if isinstance(task, Task) else Task.parse(task)
     spec = pb.JobSpec(
         model=model, task=task_to_proto(task), image=image_bytes(image, channels), text=text,
@@ -45,6 +47,13 @@ def job_spec(image: ImageInput, model: str, task: Task | str = Task.OD, text: st
     )
     if region is not None:
         spec.region.CopyFrom(_region(region))
+    if confidence is not None or iou is not None or max_detections:
+        spec.detection.SetInParent()
+        if confidence is not None:
+            spec.detection.confidence = confidence
+        if iou is not None:
+            spec.detection.iou = iou
+        spec.detection.max_detections = max_detections
     if timeout_s is not None:
         spec.timeout.FromMilliseconds(int(timeout_s * 1000))
     for item in more_tasks:

@@ -166,6 +166,8 @@ class JobRecord:
     text: str = ""
     region: list[float] | None = None
     generation: dict[str, Any] = field(default_factory=dict)
+    # DETECT's confidence / iou / max_detections, as the client set them (server/validation.py).
+    detection: dict[str, Any] = field(default_factory=dict)
     request_id: str = ""
     priority: int = 0
     created: float = field(default_factory=time.time)
@@ -180,12 +182,12 @@ class JobRecord:
     error: str = ""
 
     # The job id is the key's own suffix; it is not repeated in the spec.
-    SPEC_FIELDS = ("model", "task", "text", "region", "generation", "priority", "created", "deadline",
+    SPEC_FIELDS = ("model", "task", "text", "region", "generation", "detection", "priority", "created", "deadline",
                    "run_timeout_s", "trace", "request_id")
 
     # Left out of the stored spec while they hold these values (an ended job's record is kept for the
     # result TTL, so every byte is paid per job; reading the spec back gives the dataclass defaults).
-    SPEC_DEFAULTS = {"text": "", "region": None, "generation": {}, "priority": 0, "deadline": None,
+    SPEC_DEFAULTS = {"text": "", "region": None, "generation": {}, "detection": {}, "priority": 0, "deadline": None,
                      "run_timeout_s": 0.0, "trace": {}, "request_id": ""}
 
     def spec_json(self) -> str:

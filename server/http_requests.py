@@ -4,7 +4,7 @@ JSON bodies follow protobuf's canonical JSON mapping (json names or field names,
 as base64); a task may also be given short (`OD`, `<OD>`). Submit and Run also take
 multipart/form-data: the image as a file part named `image`, the other JobSpec fields as form fields
 (`model`, `task`, `text`, `region=x1,y1,x2,y2`, `num_beams`, `max_new_tokens`, `min_new_tokens`,
-`repetition_penalty`, `request_id`, `priority`, `timeout` (seconds or `30s`), `cancel_on_disconnect`,
+`repetition_penalty`, `confidence`, `iou`, `max_detections`, `request_id`, `priority`, `timeout` (seconds or `30s`), `cancel_on_disconnect`,
 `more_tasks` as JSON), or a `job` part holding the JobSpec as JSON.
 
 A body is refused by its Content-Length before it is read when that is over the limit, and otherwise
@@ -32,6 +32,7 @@ MiB = 1024 * 1024
 FORM_FIELD_BYTES = 64 * 1024  # any multipart part but the image
 CHUNK = 64 * 1024
 GENERATION_FIELDS = {"num_beams", "max_new_tokens", "min_new_tokens", "repetition_penalty"}
+DETECTION_FIELDS = {"confidence", "iou", "max_detections"}
 TASK_NAMES = set(pb.TaskType.keys())
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -165,6 +166,8 @@ def _set_form_field(data: dict, name: str, text: str) -> None:
     key = _proto_name(name)
     if key in GENERATION_FIELDS or key.startswith("generation."):
         data.setdefault("generation", {})[key.removeprefix("generation.")] = text
+    elif key in DETECTION_FIELDS or key.startswith("detection."):
+        data.setdefault("detection", {})[key.removeprefix("detection.")] = text
     elif key == "region":
         parts = [p for p in text.replace(" ", ",").split(",") if p]
         if len(parts) != 4:

@@ -279,9 +279,10 @@ def new_job_id() -> str:
 
 
 def new_record(model: str, task: str, text: str, region, generation: dict, request_id: str,
-               priority: int, deadline: float | None, run_timeout_s: float, job_id: str | None = None) -> JobRecord:
+               priority: int, deadline: float | None, run_timeout_s: float, job_id: str | None = None,
+               detection: dict | None = None) -> JobRecord:
     return JobRecord(
         job_id=job_id or new_job_id(), model=model, task=task, text=text, region=region, generation=generation,
         request_id=request_id, priority=priority, created=time.time(), deadline=deadline,
-        run_timeout_s=run_timeout_s,
+        run_timeout_s=run_timeout_s, detection=detection or {},
     )

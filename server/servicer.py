@@ -177,7 +177,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
             deadlines.append(now + remaining)
         record = new_record(spec.model, checked.task.value, spec.text, checked.region, checked.generation,
                             spec.request_id, spec.priority, min(deadlines) if deadlines else None,
-                            self.settings.job_timeout_s, job_id)
+                            self.settings.job_timeout_s, job_id, checked.detection)
         with tracing.rpc_span("Run" if call_deadline else "Submit", model=spec.model, task=checked.task.name,
                               job_id=record.job_id) as carrier:
             record.trace = carrier

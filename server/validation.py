@@ -10,7 +10,7 @@ Messages quote user input only as a short prefix (common/errors.quote).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -65,6 +65,34 @@ class CheckedSpec:
     settings: GenerationSettings
     region: list[float] | None
     timeout_s: float | None
+    detection: dict = field(default_factory=dict)  # only the detector options the client set
+
+
+MAX_DETECTIONS = 1000
+
+
+def _detection(spec: pb.JobSpec, task: Task) -> dict:
+    """The DETECT task's confidence / IoU / box limit, checked; {} when none is set."""
+    if not spec.HasField("detection"):
+        return {}
+    options = spec.detection
+    values = {}
+    if options.HasField("confidence"):
+        if not 0.0 <= options.confidence <= 1.0:  # also false for NaN
+            raise invalid("job.detection.confidence", "confidence must be between 0 and 1")
+        values["confidence"] = round(options.confidence, 6)
+    if options.HasField("iou"):
+        if not 0.0 < options.iou <= 1.0:
+            raise invalid("job.detection.iou", "iou must be above 0 and at most 1")
+        values["iou"] = round(options.iou, 6)
+    if options.max_detections:
+        if not 1 <= options.max_detections <= MAX_DETECTIONS:
+            raise invalid("job.detection.max_detections",
+                          f"max_detections must be 0 (the default) or 1 to {MAX_DETECTIONS}")
+        values["max_detections"] = options.max_detections
+    if values and task is not Task.DETECT:
+        raise invalid("job.detection", f"detection options apply to the DETECT task (YOLO workers), not {task.name}")
+    return values
 
 
 def _generation(options: pb.GenerationOptions) -> dict:
@@ -119,7 +147,7 @@ def check_spec(spec: pb.JobSpec, max_image_bytes: int) -> CheckedSpec:
                            metadata={"limit_bytes": max_image_bytes})
     if SPECS[task].input is not Input.REGION:
         region = None
-    return CheckedSpec(task, generation, settings, region, timeout_s)
+    return CheckedSpec(task, generation, settings, region, timeout_s, _detection(spec, task))
 
 
 def check_for_model(spec: pb.JobSpec, checked: CheckedSpec, model: ModelCapabilities) -> None:

@@ -105,3 +105,22 @@ def test_the_bearer_scheme_is_case_insensitive(valkey, scheme):
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     finally:
         front.stop()
+
+
+@pytest.mark.parametrize(("options", "task", "field"), [
+    ({"confidence": 1.5}, "DETECT", "job.detection.confidence"),
+    ({"confidence": float("nan")}, "DETECT", "job.detection.confidence"),
+    ({"iou": 0.0}, "DETECT", "job.detection.iou"),
+    ({"max_detections": 1001}, "DETECT", "job.detection.max_detections"),
+    ({"max_detections": 5}, "OD", "job.detection"),  # a Florence-2 task takes no detector options
+])
+def test_detection_options_are_bounded_and_for_detect_only(options, task, field, tiny_png):
+    from florence2_serve.server.errors import ServiceError
+    from florence2_serve.server.validation import check_spec
+
+    with pytest.raises(ServiceError) as refused:
+        check_spec(job_spec(tiny_png, "m", task, **options), 1 << 20)
+    assert [v[0] for v in refused.value.violations] == [field]
+    checked = check_spec(job_spec(tiny_png, "m", "DETECT", confidence=0.5, max_detections=10), 1 << 20)
+    assert checked.detection == {"confidence": 0.5, "max_detections": 10}
+    assert check_spec(job_spec(tiny_png, "m", "DETECT"), 1 << 20).detection == {}

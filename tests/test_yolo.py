@@ -111,6 +111,23 @@ def test_detect_through_the_service(yolo_dir, tmp_path):
         rows = list(csv.DictReader(io.StringIO(table.output.split("\n1 image:")[0])))
         assert len(rows) == len(result.boxes) and {r["task"] for r in rows} == {"DETECT"}
         assert all(r["kind"] == "box" and float(r["score"]) > 0 for r in rows)
+        # Per request: the box limit and the confidence floor (a random YOLO finds many weak boxes).
+        assert len(result.boxes) > 3
+        client = Florence2Client(address, timeout=60)
+        few = client.detect(buffer.getvalue(), "yolo", Task.DETECT, max_detections=3)
+        assert len(few.boxes) == 3
+        floor = max(box.score for box in result.boxes) + 0.005
+        strict = client.detect(buffer.getvalue(), "yolo", Task.DETECT, confidence=floor)
+        assert len(strict.boxes) < len(result.boxes) and all(box.score >= floor - 1e-4 for box in strict.boxes)
+        merged = client.detect(buffer.getvalue(), "yolo", Task.DETECT, iou=0.05)
+        assert len(merged.boxes) < len(result.boxes)  # overlapping boxes suppressed harder
+        limited = CliRunner().invoke(cli, ["detect", str(image), "--server", address, "--model", "yolo",
+                                           "--max-detections", "2", "--json"])
+        assert len(json.loads(limited.output.splitlines()[0])["result"]["boxes"]) == 2
+        with pytest.raises(grpc.RpcError) as refused:  # a Florence-2 task takes no detector options
+            client.submit(job_spec(buffer.getvalue(), "yolo", Task.OD, max_detections=3))
+        assert "apply to the DETECT task" in refused.value.details()
+        client.close()
     finally:
         assert worker.stop() == 0
         front.stop()

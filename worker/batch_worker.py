@@ -278,7 +278,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         held.request = InferenceRequest(
             image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
             generation=generation, request_id=job.job_id, image_key=hashlib.blake2b(job.image, digest_size=16).hexdigest(),
-            should_stop=held.stop)
+            should_stop=held.stop, detection=dict(record.detection))
         return None
 
     # -- model ------------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ class InferenceRequest:
     request_id: str = ""
     # Names the image's bytes (its digest): requests with equal keys share one vision encoding.
     image_key: str = ""
+    # DETECT only: the detector's confidence / iou / max_detections for this image (unset: its defaults).
+    detection: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 YOLO_FILE = "model.pt"
 DEFAULT_CONFIDENCE = 0.25
+# ultralytics' own defaults, stated here so a request that sets one option keeps the others as they were.
+DEFAULT_IOU = 0.7
+DEFAULT_MAX_DETECTIONS = 300
 
 
 def is_yolo_path(path_or_id: str) -> bool:
@@ -101,11 +104,24 @@ class YoloEngine:
                 runnable.append(outcome)
         if not runnable:
             return outcomes
+        # One predict per set of detection options (ultralytics takes them per call); usually one set.
+        groups: dict[tuple, list[InferenceOutcome]] = {}
+        for outcome in runnable:
+            groups.setdefault(self._options(outcome.request.detection), []).append(outcome)
+        for (confidence, iou, max_detections), group in groups.items():
+            self._predict(group, confidence, iou, max_detections)
+        return outcomes
+
+    def _options(self, detection: dict) -> tuple[float, float, int]:
+        return (detection.get("confidence", self.confidence), detection.get("iou", DEFAULT_IOU),
+                detection.get("max_detections") or DEFAULT_MAX_DETECTIONS)
+
+    def _predict(self, runnable: list[InferenceOutcome], confidence: float, iou: float, max_detections: int) -> None:
         started = time.perf_counter()
         try:
             extra = {"half": True} if self.loaded.dtype_name == "fp16" else {}
             predictions = self.loaded.model.predict(
-                [o.request.image for o in runnable], conf=self.confidence, verbose=False,
+                [o.request.image for o in runnable], conf=confidence, iou=iou, max_det=max_detections, verbose=False,
                 device=self.loaded.device, **extra,
             )
         except Exception:  # noqa: BLE001 - fail this batch's requests, keep the worker
@@ -113,7 +129,7 @@ class YoloEngine:
             for outcome in runnable:
                 outcome.error = JobError(Reason.INFERENCE_FAILED.value,
                                          "inference failed on the worker (its log has the details)")
-            return outcomes
+            return
         self.generate_calls += 1
         elapsed_ms = (time.perf_counter() - started) * 1000
         names = self.loaded.model.names
@@ -137,7 +153,6 @@ class YoloEngine:
                 outcome.cancelled = True
             else:
                 outcome.result = result
-        return outcomes
 
 
 def build_yolo(out_dir: str | Path, config: str = "yolov8n.yaml", seed: int = 0) -> Path:

@@ -145,8 +145,18 @@ class GenerationOptions(_message.Message):
     repetition_penalty: float
     def __init__(self, num_beams: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., repetition_penalty: _Optional[float] = ...) -> None: ...
 
+class DetectionOptions(_message.Message):
+    __slots__ = ("confidence", "iou", "max_detections")
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    IOU_FIELD_NUMBER: _ClassVar[int]
+    MAX_DETECTIONS_FIELD_NUMBER: _ClassVar[int]
+    confidence: float
+    iou: float
+    max_detections: int
+    def __init__(self, confidence: _Optional[float] = ..., iou: _Optional[float] = ..., max_detections: _Optional[int] = ...) -> None: ...
+
 class JobSpec(_message.Message):
-    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout", "cancel_on_disconnect", "more_tasks")
+    __slots__ = ("model", "task", "image", "text", "region", "generation", "request_id", "priority", "timeout", "cancel_on_disconnect", "more_tasks", "detection")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +168,7 @@ class JobSpec(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CANCEL_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     MORE_TASKS_FIELD_NUMBER: _ClassVar[int]
+    DETECTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     task: TaskType
     image: bytes
@@ -169,7 +180,8 @@ class JobSpec(_message.Message):
     timeout: _duration_pb2.Duration
     cancel_on_disconnect: bool
     more_tasks: _containers.RepeatedCompositeFieldContainer[TaskRequest]
-    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel_on_disconnect: _Optional[bool] = ..., more_tasks: _Optional[_Iterable[_Union[TaskRequest, _Mapping]]] = ...) -> None: ...
+    detection: DetectionOptions
+    def __init__(self, model: _Optional[str] = ..., task: _Optional[_Union[TaskType, str]] = ..., image: _Optional[bytes] = ..., text: _Optional[str] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., generation: _Optional[_Union[GenerationOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., cancel_on_disconnect: _Optional[bool] = ..., more_tasks: _Optional[_Iterable[_Union[TaskRequest, _Mapping]]] = ..., detection: _Optional[_Union[DetectionOptions, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("job",)
