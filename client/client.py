@@ -15,48 +15,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
-from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
-from .core import ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
+from .core import PARAMETERS_DOC, ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
 from .errors import Florence2Error, RpcError
 from .connection import network_problem
 from .image_input import ImageInput
-from .retry import RetryPolicy
 
 
 class Florence2Client(ClientCore):
-    """A blocking client of the Florence-2 service: ``with Florence2Client("host:port") as client:
-    result = client.detect("car.jpg", "base", "OD")``.
+    __doc__ = ('A blocking client of the Florence-2 service: ``with Florence2Client("host:port") as client:'
+               "\n" '    result = client.detect("car.jpg", "base", "OD")``.' "\n" + PARAMETERS_DOC)
 
-    Parameters (all keyword-only but the address):
-
-    - ``address``: ``host:port`` of a front end (port 50051 when left out), or a gRPC target such as
-      ``dns:///florence2-frontend-grpc.florence2.svc.cluster.local:50051``; default ``$FLORENCE2_SERVER``,
-      then ``127.0.0.1:50051``.
-    - ``token``: bearer token sent with every call (the server's ``--token``).
-    - ``timeout``: seconds each call may take; for a job's stream, the whole wait. None: no limit.
-    - ``retry``: the RetryPolicy for UNAVAILABLE (default: retry with backoff); ``NO_RETRY`` turns it off.
-    - ``tls``: connect with TLS, trusting the system roots unless ``root_certificates`` (PEM bytes) is given.
-    - ``certificate_chain`` and ``private_key``: PEM bytes of a client certificate, together (mutual TLS);
-      checked before anything connects (ValueError).
-    - ``load_balancing``: ``"round_robin"`` (default) spreads calls over every address the target resolves
-      to; ``"pick_first"`` keeps one connection.
-
-    ``check_connection()`` fails in seconds, naming the cause (unknown host, nothing listening, TLS or
-    certificate trouble), where a call would otherwise retry in silence.
-    """
-
-    def __init__(self, address: str | None = None, *, token: str = "", timeout: float | None = None,
-                 retry: RetryPolicy | None = None, tls: bool = False, root_certificates: bytes | None = None,
-                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 load_balancing: str = "round_robin"):
-        super().__init__(address, token=token, timeout=timeout, retry=retry, tls=tls,
-                         root_certificates=root_certificates, certificate_chain=certificate_chain,
-                         private_key=private_key, load_balancing=load_balancing)
-        credentials = self._credentials()
-        self.channel = (grpc.secure_channel(self.address, credentials, options=self._options()) if credentials
-                        else grpc.insecure_channel(self.address, options=self._options()))
-        self.stub = pb_grpc.Florence2ServiceStub(self.channel)
+    def _open_channel(self, credentials, options):
+        return (grpc.secure_channel(self.address, credentials, options=options) if credentials
+                else grpc.insecure_channel(self.address, options=options))
 
     def __enter__(self):
         return self

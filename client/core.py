@@ -17,6 +17,7 @@ import grpc
 from florence2_serve.common.proto_enums import TERMINAL_EVENT_TYPES, state_name, task_to_proto
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
+from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 from .connection import ServerUnreachable, check_tls_inputs, diagnose, with_default_port
 from .errors import Florence2Error, JobFailed, RpcError
@@ -83,6 +84,26 @@ def health_error(error: "RpcError", service: str) -> "RpcError":
     return error
 
 
+PARAMETERS_DOC = """
+    Parameters (all keyword-only but the address):
+
+    - ``address``: ``host:port`` of a front end (port 50051 when left out), or a gRPC target such as
+      ``dns:///florence2-frontend-grpc.florence2.svc.cluster.local:50051``; default ``$FLORENCE2_SERVER``,
+      then ``127.0.0.1:50051``.
+    - ``token``: bearer token sent with every call (the server's ``--token``).
+    - ``timeout``: seconds each call may take; for a job's stream, the whole wait. None: no limit.
+    - ``retry``: the RetryPolicy for UNAVAILABLE (default: retry with backoff); ``NO_RETRY`` turns it off.
+    - ``tls``: connect with TLS, trusting the system roots unless ``root_certificates`` (PEM bytes) is given.
+    - ``certificate_chain`` and ``private_key``: PEM bytes of a client certificate, together (mutual TLS);
+      checked before anything connects (ValueError).
+    - ``load_balancing``: ``"round_robin"`` (default) spreads calls over every address the target resolves
+      to; ``"pick_first"`` keeps one connection.
+
+    ``check_connection()`` fails in seconds, naming the cause (unknown host, nothing listening, TLS or
+    certificate trouble), where a call would otherwise retry in silence.
+"""
+
+
 class ClientCore:
     """Connection settings of either client.
 
@@ -111,6 +132,12 @@ class ClientCore:
         self.retry = retry or RetryPolicy()
         self.tls = tls or root_certificates is not None or certificate_chain is not None
         self._tls_files = (root_certificates, private_key, certificate_chain)
+        self.channel = self._open_channel(self._credentials(), self._options())
+        self.stub = pb_grpc.Florence2ServiceStub(self.channel)
+
+    def _open_channel(self, credentials, options):
+        """The sync or asyncio gRPC channel to self.address (each client's own)."""
+        raise NotImplementedError
 
     def _unreachable(self, timeout: float) -> "ServerUnreachable":
         root, key, chain = self._tls_files

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import re
@@ -28,6 +27,7 @@ from florence2_serve.common.errors import Reason, quote
 from florence2_serve.v1 import florence2_pb2 as pb
 
 from . import http_requests, openapi
+from .http_site import start_site
 from .probes import Probes, error_response
 from .errors import ServiceError, internal
 from .http_status import HttpAbort, HttpCallContext, error_status, message_json, status_json
@@ -236,21 +236,8 @@ class HttpApi:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, host: str, port: int) -> int:
-        from .app import AddressInUse
-
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
-                                     shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self._tls(), reuse_address=True)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
-            busy = exc.errno == errno.EADDRINUSE
-            raise AddressInUse(f"cannot serve HTTP on {host}:{port}: "
-                               f"{'the port is in use' if busy else exc.strerror or exc}") from None
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await start_site(self.app(), host, port, "HTTP", ssl_context=self._tls(),
+                                                   handler_cancellation=True, shutdown_timeout=2.0)
         return self.port
 
     def _tls(self) -> ssl.SSLContext | None:

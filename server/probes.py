@@ -8,7 +8,6 @@ probes cannot speak TLS at all) keep working when the API ports require TLS, mTL
 
 from __future__ import annotations
 
-import errno
 import logging
 
 import grpc
@@ -18,6 +17,7 @@ from florence2_serve.common.errors import Reason, quote
 
 from . import validation
 from .errors import ServiceError, store_unavailable
+from .http_site import start_site
 from .http_status import error_status, http_status_of, status_json
 
 log = logging.getLogger(__name__)
@@ -78,21 +78,9 @@ class ProbeListener:
             return error_response(error_status(exc))
 
     async def start(self, host: str, port: int) -> int:
-        from .app import AddressInUse
-
         app = web.Application(middlewares=[self._errors])
         self.probes.add_routes(app)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        try:
-            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
-            busy = exc.errno == errno.EADDRINUSE
-            raise AddressInUse(f"cannot serve the health probes on {host}:{port}: "
-                               f"{'the port is in use' if busy else exc.strerror or exc}") from None
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await start_site(app, host, port, "the health probes", shutdown_timeout=1.0)
         return self.port
 
     async def stop(self) -> None:

@@ -142,6 +142,18 @@ def test_text_results_are_drawn_and_empty_region_results_show_the_region():
     assert empty.crop((50, 0, 200, 40)).getcolors(10000) != image.crop((50, 0, 200, 40)).getcolors(10000)  # its label
 
 
+def test_region_tasks_show_their_region_beside_what_they_found_and_boxes_are_drawn_normalised():
+    image = Image.new("RGB", (200, 150), (40, 120, 40))
+    region = (20, 20, 60, 60)
+    found = draw_result(image, {"text": "", "polygons": [], "ocr": [], "boxes": [
+        {"x1": 150, "y1": 120, "x2": 100, "y2": 80, "label": "inverted"},  # x2 < x1, y2 < y1 as generated
+        {"x1": 170, "y1": 10, "x2": 170, "y2": 60, "label": "flat"}]}, region=region)
+    assert min(found.getpixel((20, 40))) > 200  # the asked-about region, in white, though something was found
+    assert found.getpixel((100, 100)) != image.getpixel((100, 100))  # the inverted box, drawn at x 100..150
+    assert found.getpixel((125, 100)) == image.getpixel((125, 100))  # outline only: its inside untouched
+    assert found.getpixel((170, 40)) == image.getpixel((170, 40))  # a box with no area is not drawn
+
+
 def test_outlines_have_a_halo_and_polygons_a_translucent_fill():
     red = Image.new("RGB", (120, 120), (230, 25, 75))  # the first palette colour: a same-coloured object
     drawn = draw_result(red, {"boxes": [{"x1": 20, "y1": 20, "x2": 100, "y2": 100, "label": "x"}],
