@@ -51,6 +51,13 @@ def _server_options(function):
                           "probes that cannot do TLS or mTLS (env FLORENCE2_HEALTH_PORT; default off)."),
         click.option("--health-host", default=None,
                      help="Host the probe listener binds (env FLORENCE2_HEALTH_HOST; default: the gRPC host)."),
+        click.option("--redis-wait-replicas", type=click.IntRange(0, 16), default=None,
+                     help="Answer Submit only once this many Redis replicas hold the job (WAIT): no acknowledged job "
+                          "is lost when a Sentinel failover replaces the primary (env FLORENCE2_REDIS_WAIT_REPLICAS; "
+                          "default 0)."),
+        click.option("--redis-wait-timeout-ms", type=click.IntRange(1), default=None,
+                     help="How long Submit waits for them before answering UNAVAILABLE (env "
+                          "FLORENCE2_REDIS_WAIT_TIMEOUT_MS; default 1000)."),
         click.option("--http-read-timeout", "http_read_timeout_s", type=float, default=None,
                      help="Seconds an HTTP request body may take to arrive (env FLORENCE2_HTTP_READ_TIMEOUT; "
                           "default 60)."),
@@ -265,7 +272,11 @@ def _start_dashboard(executable: str, redis_url: str, port: int, say, timeout_s:
     import time
     import urllib.request
 
-    process = subprocess.Popen([executable, "--redis-url", redis_url, "--bind", "127.0.0.1", "--port", str(port)],
+    from florence2_serve.common.redis_url import master_url
+
+    # rq-dashboard takes plain URLs only: behind Sentinel it gets the master of now (not followed later).
+    process = subprocess.Popen([executable, "--redis-url", master_url(redis_url), "--bind", "127.0.0.1",
+                                "--port", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     collected: list[str] = []
     threading.Thread(target=_relay, args=(process.stderr, collected), daemon=True).start()

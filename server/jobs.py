@@ -144,10 +144,22 @@ class JobStore:
         self.hub.unwatch(watcher)
 
     async def submit(self, record: JobRecord, image: bytes, fingerprint: str, priority: int) -> Enqueued:
-        """Store and enqueue in one atomic step; QueueFull when the model's queues are full."""
-        return await rq_bridge.enqueue(
+        """Store and enqueue in one atomic step; QueueFull when the model's queues are full.
+
+        With `redis_wait_replicas`, the answer waits until that many replicas hold the write (WAIT): a job
+        acknowledged then survives its primary's death and a Sentinel failover. Fewer in time: a Redis
+        error (UNAVAILABLE with RetryInfo; a retry with the same request_id finds the job if it was kept)."""
+        enqueued = await rq_bridge.enqueue(
             self.redis, record, image, fingerprint, ttl=self.settings.result_ttl_s,
             max_depth=self.settings.max_queue_depth, templates=self.templates, priority=priority)
+        wanted = self.settings.redis_wait_replicas
+        if wanted:
+            acked = await self.redis.execute("WAIT", wanted, self.settings.redis_wait_timeout_ms)
+            if acked < wanted:
+                raise redis.exceptions.ConnectionError(
+                    f"job {record.job_id} was written but reached {acked} of {wanted} Redis replica(s) within "
+                    f"{self.settings.redis_wait_timeout_ms} ms; retry with the same request_id")
+        return enqueued
 
     async def get(self, job_id: str) -> tuple[JobRecord, bytes | None]:
         flat = await self.redis.execute("HGETALL", layout.job_key(job_id))

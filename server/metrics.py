@@ -53,7 +53,9 @@ class QueueCollector(Collector):
                                  labels=["model"])
         try:
             if self._connection is None:
-                self._connection = redis.Redis.from_url(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
+                from florence2_serve.common.redis_url import connect
+
+                self._connection = connect(self.redis_url, socket_timeout=2, socket_connect_timeout=2)
             connection = self._connection
             for model in sorted(m.decode() for m in connection.smembers(layout.MODELS_KEY)):
                 keys = [layout.rq_queue_key(model, p) for p in range(layout.MIN_PRIORITY, layout.MAX_PRIORITY + 1)]

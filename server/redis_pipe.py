@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import hiredis
 import redis
 
+from florence2_serve.common.redis_url import is_sentinel, parse_sentinel_url
+
 CONNECT_TIMEOUT_S = 2.0
 REPLY_TIMEOUT_S = 10.0  # a connection whose oldest reply is this late is dropped (all pending fail)
 
@@ -30,9 +32,15 @@ def parse_redis_url(url: str) -> dict:
     """redis[s]://[[user]:password@]host[:port][/db][?ssl_ca_certs=…&ssl_certfile=…&ssl_keyfile=…] ->
     connection settings. rediss:// is TLS, with the query parameters redis-py reads from the same URL
     (so workers, which use redis-py, and the front end take one URL)."""
+    if is_sentinel(url):
+        target = parse_sentinel_url(url)
+        query = dict(target.query)
+        return {"host": None, "port": None, "sentinel": target, "username": target.username,
+                "password": target.password, "db": target.db, "ssl": _ssl_context(query) if target.tls else None}
     parsed = urlparse(url)
     if parsed.scheme not in ("redis", "valkey", "rediss", "valkeys"):
-        raise ValueError(f"the front end needs a redis:// or rediss:// URL (got {parsed.scheme or 'no'} scheme)")
+        raise ValueError(f"the front end needs a redis://, rediss:// or redis+sentinel:// URL "
+                         f"(got {parsed.scheme or 'no'} scheme)")
     db = parsed.path.lstrip("/")
     query = {key: values[-1] for key, values in parse_qs(parsed.query).items()}
     return {"host": parsed.hostname or "127.0.0.1", "port": parsed.port or 6379,
@@ -56,6 +64,8 @@ def _error(reply: hiredis.ReplyError) -> redis.RedisError:
     message = str(reply)
     if message.startswith("NOSCRIPT"):
         return redis.exceptions.NoScriptError(message)
+    if message.startswith("READONLY"):  # a ConnectionError: callers treat it as Redis being away (retry)
+        return redis.exceptions.ReadOnlyError(message)
     return redis.exceptions.ResponseError(message)
 
 
@@ -80,6 +90,10 @@ class _Protocol(asyncio.Protocol):
                 return
             if self.pending:
                 future, _ = self.pending.popleft()
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("READONLY") and self.transport:
+                    # A failover made this server a replica: drop the connection, so the next command
+                    # reconnects to the master the sentinels name now.
+                    self.transport.abort()
                 if not future.done():
                     if isinstance(reply, hiredis.ReplyError):
                         future.set_exception(_error(reply))
@@ -112,16 +126,47 @@ class _Protocol(asyncio.Protocol):
         self.buffer.clear()
 
 
+async def _master_address(target) -> tuple[str, int]:
+    """Ask the sentinels, in order, where the master is now (SENTINEL GET-MASTER-ADDR-BY-NAME)."""
+    for host, port in target.sentinels:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            continue
+        try:
+            commands = [("AUTH", target.sentinel_password)] if target.sentinel_password else []
+            commands.append(("SENTINEL", "GET-MASTER-ADDR-BY-NAME", target.master))
+            writer.write(b"".join(hiredis.pack_command(c) for c in commands))
+            parser = hiredis.Reader(replyError=hiredis.ReplyError)
+            replies = []
+            while len(replies) < len(commands):
+                data = await asyncio.wait_for(reader.read(4096), CONNECT_TIMEOUT_S)
+                if not data:
+                    break
+                parser.feed(data)
+                while (reply := parser.gets()) is not False:
+                    replies.append(reply)
+            answer = replies[-1] if len(replies) == len(commands) else None
+            if isinstance(answer, list) and len(answer) == 2:
+                return answer[0].decode(), int(answer[1])
+        except (OSError, asyncio.TimeoutError, ValueError):
+            pass
+        finally:
+            writer.close()
+    raise redis.exceptions.ConnectionError(f"no sentinel knows a master named {target.master!r}")
+
+
 async def _open(settings: dict, on_push=None) -> _Protocol:
     loop = asyncio.get_running_loop()
+    host, port = settings["host"], settings["port"]
+    if settings.get("sentinel") is not None:  # where the master is now: asked at every (re)connection
+        host, port = await _master_address(settings["sentinel"])
     try:
         _, protocol = await asyncio.wait_for(
-            loop.create_connection(lambda: _Protocol(on_push), settings["host"], settings["port"],
-                                   ssl=settings["ssl"]),
+            loop.create_connection(lambda: _Protocol(on_push), host, port, ssl=settings["ssl"]),
             timeout=CONNECT_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as exc:
-        raise redis.exceptions.ConnectionError(
-            f"cannot connect to Redis at {settings['host']}:{settings['port']}") from exc
+        raise redis.exceptions.ConnectionError(f"cannot connect to Redis at {host}:{port}") from exc
     handshake = []
     if settings["password"] is not None:
         handshake.append(("AUTH", settings["username"], settings["password"]) if settings["username"]

@@ -60,6 +60,10 @@ class ServerSettings:
     # which cannot present a client certificate; host: empty is the gRPC host.
     health_port: int = 0
     health_host: str = ""
+    # Submit answers only once this many Redis replicas hold the job (WAIT), within the timeout; 0: at once
+    # (asynchronous replication: a primary that dies right after answering may take the job with it).
+    redis_wait_replicas: int = 0
+    redis_wait_timeout_ms: int = 1000
     # A quiet event stream sends an SSE comment this often, so proxies keep it open.
     http_keepalive_s: float = 15.0
 
@@ -76,6 +80,8 @@ class ServerSettings:
         "http_port": "FLORENCE2_HTTP_PORT", "http_host": "FLORENCE2_HTTP_HOST",
         "http_cors_origins": "FLORENCE2_HTTP_CORS_ORIGINS", "http_read_timeout_s": "FLORENCE2_HTTP_READ_TIMEOUT",
         "health_port": "FLORENCE2_HEALTH_PORT", "health_host": "FLORENCE2_HEALTH_HOST",
+        "redis_wait_replicas": "FLORENCE2_REDIS_WAIT_REPLICAS",
+        "redis_wait_timeout_ms": "FLORENCE2_REDIS_WAIT_TIMEOUT_MS",
     }
 
     @classmethod
@@ -100,6 +106,8 @@ class ServerSettings:
             object.__setattr__(self, "http_port", 0 if grpc_port == "0" else DEFAULT_HTTP_PORT)
         if self.http_port < -1 or self.http_port > 65535:
             raise ValueError("http_port must be a port number (0: a free one; -1: no HTTP port)")
+        if self.redis_wait_replicas < 0 or self.redis_wait_timeout_ms <= 0:
+            raise ValueError("redis_wait_replicas must not be negative and redis_wait_timeout_ms must be positive")
         if not 0 <= self.health_port <= 65535:
             raise ValueError("health_port must be a port number (0: no probe listener)")
         if self.http_read_timeout_s <= 0 or self.http_keepalive_s <= 0:

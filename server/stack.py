@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import redis
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.model_arg import parse_model_arg
+from florence2_serve.common.redis_url import connect
 
 from .app import AddressInUse, FrontEnd, check_free, check_redis, create_server
 from .settings import ServerSettings
@@ -248,7 +248,7 @@ class LocalStack:
 
     def wait_ready(self) -> None:
         """Block until every worker has registered (or one of them died)."""
-        connection = redis.Redis.from_url(self.redis_url)
+        connection = connect(self.redis_url)
         deadline = time.monotonic() + self.config.ready_timeout_s
         try:
             while time.monotonic() < deadline:

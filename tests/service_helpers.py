@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from florence2_serve.common.redis_url import connect
+
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.server.settings import ServerSettings
 from florence2_serve.server.stack import FrontEndThread
@@ -38,7 +40,7 @@ class WorkerProcess:
         env.pop("PYTHONPATH", None)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.redis = redis.Redis.from_url(redis_url)
+        self.redis = connect(redis_url)
 
     def wait_registered(self, timeout: float = 120) -> "WorkerProcess":
         deadline = time.monotonic() + timeout

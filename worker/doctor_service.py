@@ -24,7 +24,9 @@ def check_redis(url: str, problems: list[str]) -> dict:
 
     entry: dict = {"url": url}
     try:
-        connection = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3)
+        from florence2_serve.common.redis_url import connect
+
+        connection = connect(url, socket_connect_timeout=3, socket_timeout=3)
         info = connection.info("server")
         persistence = connection.info("persistence")
         config = connection.config_get("appendonly")

@@ -21,7 +21,7 @@ import redis
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.images import reuse_image_memory
 from florence2_serve.common.log_setup import route_library_logs
-from florence2_serve.common.redis_url import redact
+from florence2_serve.common.redis_url import connect, redact
 from florence2_serve.common.rq_bridge import check_rq_version
 
 from .settings import WorkerSettings
@@ -38,8 +38,10 @@ def check_redis(url: str, timeout_s: float = 3.0, client_name: str | None = None
 
     `client_name` names every connection of its pool (CLIENT SETNAME): other workers tell a live worker
     from a dead one by it (worker/lost_jobs.py)."""
-    connection = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, health_check_interval=10,
-                                      client_name=client_name)
+    try:
+        connection = connect(url, socket_connect_timeout=timeout_s, health_check_interval=10, client_name=client_name)
+    except ValueError as exc:
+        raise RedisUnreachable(f"cannot use Redis at {redact(url)}: {exc}") from None
     try:
         connection.ping()
     except (redis.RedisError, OSError, ValueError) as exc:
