@@ -11,7 +11,6 @@ import threading
 import time
 from pathlib import Path
 
-import redis
 
 from florence2_serve.common.redis_url import connect
 
