@@ -127,13 +127,29 @@ def json_lines_on_stderr() -> None:
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
-    _json_stream = os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace")
+    _json_stream = _LockedLines(os.fdopen(real, "w", buffering=1, encoding="utf-8", errors="replace"))
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(_json_stream)
     reader = threading.Thread(target=_wrap_lines, args=(read_end, _json_stream), name="stderr-json", daemon=True)
     reader.start()
     atexit.register(_restore_stderr, real, reader)
+
+
+class _LockedLines:
+    """The real stderr, shared by the logging handler and the wrapping thread: one whole line per write."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            return self.stream.write(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.stream.flush()
 
 
 def _wrap_lines(read_end: int, out) -> None:

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.model_arg import parse_model_arg
 from florence2_serve.common.redis_url import connect
