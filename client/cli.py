@@ -61,17 +61,19 @@ def doctor(as_json: bool, model: str | None, device: str, attention: str, redis_
 @click.option("--yolo", is_flag=True, help="Build a YOLOv8n from its config instead (needs the yolo extra).")
 def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) -> None:
     """Build a Florence-2 (or YOLOv8) checkpoint offline, with random weights (marked as such)."""
-    from rich.console import Console
-
     import time
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     what = "YOLOv8n" if yolo else (f"{size} Microsoft-format Florence-2" if remote_code else f"{size} Florence-2")
     expected = {"tiny": "seconds", "base": "a minute or two", "large": "several minutes"}[size]
     click.echo(f"building a {what} with random weights in {directory} (takes {expected}) …", err=True)
     started = time.monotonic()
-    console = Console(stderr=True)
-    with console.status(f"building a {what} …") as status:
-        ticker = _Ticker(lambda elapsed: status.update(f"building a {what} … {elapsed:.0f} s"))
+    # A spinner with the elapsed time (rich redraws it itself), so a long build shows it is alive.
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        progress.add_task(f"building a {what} …", total=None)
         if yolo:
             from florence2_serve.worker.yolo import build_yolo
 
@@ -84,29 +86,8 @@ def make_test_model(directory: str, size: str, remote_code: bool, yolo: bool) ->
             from florence2_serve.worker.model_builder import build_native
 
             path = build_native(directory, size=size)
-        ticker.stop()
     click.echo(f"built in {time.monotonic() - started:.1f} s", err=True)
     click.echo(str(path))
-
-
-class _Ticker:
-    """Calls `show(elapsed_s)` every second on a thread of its own, so a long build shows it is alive."""
-
-    def __init__(self, show):
-        import threading
-        import time
-
-        self._stop = threading.Event()
-        started = time.monotonic()
-
-        def run():
-            while not self._stop.wait(1.0):
-                show(time.monotonic() - started)
-
-        threading.Thread(target=run, daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 @cli.command()
@@ -205,9 +186,9 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
 
     from florence2_serve.common.tracing import setup_tracing
 
-    from .cli_serve import json_logs
+    from .cli_serve import stderr_as_json_lines
 
-    json_logs()
+    stderr_as_json_lines()
 
     setup_tracing("florence2-worker")
     sys.exit(run_worker(settings))

@@ -95,14 +95,11 @@ def _parse(images, task, text, region, draw_dir=None) -> tuple[list[InputImage],
     return files, parsed_task, parsed_region
 
 
-def _only_model(client: Florence2Client) -> str:
-    try:
-        models = [m.name for m in client.list_models() if m.live_workers]
-    except Florence2Error as exc:
-        fail(str(exc))
-    if len(models) != 1:
-        fail(f"pass --model; models with live workers: {', '.join(models) or 'none'}", 2)
-    return models[0]
+def _only_model(models: list) -> str:
+    live = [m.name for m in models if m.live_workers]
+    if len(live) != 1:
+        fail(f"pass --model; models with live workers: {', '.join(live) or 'none'}", 2)
+    return live[0]
 
 
 def _detection_options(task: Task, confidence, iou, max_detections) -> dict:
@@ -115,16 +112,28 @@ def _detection_options(task: Task, confidence, iou, max_detections) -> dict:
     return given
 
 
-def _default_task(client: Florence2Client, model: str) -> Task:
+def _default_task(models: list, model: str) -> Task:
     """OD, unless the model serves DETECT and not OD (a YOLO model)."""
     from florence2_serve.common.proto_enums import task_from_proto
 
-    try:
-        info = next((m for m in client.list_models() if m.name == model), None)
-    except Florence2Error:
-        return Task.OD  # the job's own call reports what is wrong
+    info = next((m for m in models if m.name == model), None)
     tasks = {task_from_proto(t) for t in info.tasks} if info is not None else set()
     return Task.DETECT if Task.DETECT in tasks and Task.OD not in tasks else Task.OD
+
+
+def _model_and_task(client: Florence2Client, model: str | None, task: Task | None) -> tuple[str, Task]:
+    """The model (the only one served, unless named) and the task (OD, or DETECT for a YOLO model, unless
+    given): one ListModels call when either is left out."""
+    if model and task:
+        return model, task
+    try:
+        models = list(client.list_models())
+    except Florence2Error as exc:
+        if not model:
+            fail(str(exc))
+        return model, Task.OD  # the job's own call reports what is wrong
+    model = model or _only_model(models)
+    return model, task or _default_task(models, model)
 
 
 @dataclass
@@ -253,8 +262,7 @@ def detect(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
     worker_args = ["--device", device] if device else []
     with target(server, embedded, model, worker_args) as (address, model_name):
         with open_client(address, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=None) as client:
-            model_name = model_name or _only_model(client)
-            parsed_task = parsed_task if task else _default_task(client, model_name)
+            model_name, parsed_task = _model_and_task(client, model_name, parsed_task if task else None)
             run = client.detect_many(files, model_name, parsed_task, concurrency=concurrency, timeout=timeout,
                                      text=text, region=parsed_region, max_new_tokens=max_new_tokens,
                                      num_beams=num_beams, priority=priority, cancel_on_disconnect=True,
@@ -358,8 +366,7 @@ def submit(images, server, token, tls, ca_file, cert_file, key_file, connect_tim
     files, parsed_task, parsed_region = _parse(images, task or "OD", text, region)
     failed = 0
     with open_client(server, token, tls, ca_file, cert_file, key_file, connect_timeout, timeout=30) as client:
-        model_name = model or _only_model(client)
-        parsed_task = parsed_task if task else _default_task(client, model_name)
+        model_name, parsed_task = _model_and_task(client, model, parsed_task if task else None)
         submitted = []
         for image in files:
             line = {"image": str(image.path), "task": parsed_task.name}

@@ -101,14 +101,14 @@ def serve(redis_url, **options):
 
         asyncio.run(serve_forever(settings, ready=ready))
     except (AddressInUse, RedisUnreachable, ValueError) as exc:
-        say(f"error: {exc}", error=True)
+        say(str(exc), error=True)
         sys.exit(1)
 
 
 DASHBOARD_PORT = 9181
 
 
-def json_logs() -> bool:
+def stderr_as_json_lines() -> bool:
     """Is this process logging JSON? Then a long-running command also turns its stderr into JSON Lines."""
     if (click.get_current_context().find_root().obj or {}).get("log_format") != "json":
         return False
@@ -122,10 +122,10 @@ def _sayer():
     """`up`'s lines for people on stderr; with --log-format json, log records (the stream stays JSON Lines)."""
     import logging
 
-    if not json_logs():
-        return lambda message, error=False: click.echo(message, err=True)
+    if not stderr_as_json_lines():
+        return lambda message, error=False: click.echo(("error: " if error else "") + message, err=True)
     log = logging.getLogger("florence2_serve.cli")
-    return lambda message, error=False: (log.error if error else log.info)(message.removeprefix("error: "))
+    return lambda message, error=False: (log.error if error else log.info)(message)
 
 
 @click.command()
@@ -209,7 +209,7 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
         try:
             check_free(f"127.0.0.1:{dashboard_port}")
         except AddressInUse:
-            say(f"error: cannot serve rq-dashboard on 127.0.0.1:{dashboard_port}: the port is in use "
+            say(f"cannot serve rq-dashboard on 127.0.0.1:{dashboard_port}: the port is in use "
                 "(choose another with --dashboard-port)", error=True)
             sys.exit(1)
     from florence2_serve.common.tracing import setup_tracing
@@ -250,7 +250,7 @@ def up(models, workers, device, dtype, attention, batch_size, kind, engine, comp
             say("stopping: workers finish their jobs, then the front end, then Redis")
         say("stopped")
     except StackError as exc:
-        say(f"error: {exc}", error=True)
+        say(str(exc), error=True)
         sys.exit(1)
 
 
@@ -294,7 +294,7 @@ def _start_dashboard(executable: str, redis_url: str, port: int, say, timeout_s:
         process.wait(timeout=10)
     time.sleep(0.2)  # its last lines reach the relay
     lines = [line for line in collected if line.strip()]
-    say(f"error: rq-dashboard did not start on port {port}"
+    say(f"rq-dashboard did not start on port {port}"
         + (f": {lines[-1].strip()}" if lines else "") + "; the stack runs on without it", error=True)
     return None
 

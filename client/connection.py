@@ -88,45 +88,47 @@ def _check_key_pair(chain: bytes, key: bytes) -> None:
 SERVER_HINT = "start one with `florence2 up`, or point --server (env FLORENCE2_SERVER) at yours"
 
 
-def network_problem(address: str, timeout: float = 3.0) -> ServerUnreachable | None:
-    """A problem below gRPC that is certain at once (unknown host, nothing listening, no route); None if the
-    host answers on the port (or the target has a scheme this cannot probe)."""
+def _connect(address: str, timeout: float) -> tuple[socket.socket | None, ServerUnreachable | None]:
+    """(an open TCP connection, None), or (None, the problem below gRPC: unknown host, nothing listening,
+    no route); (None, None) for a target with a scheme this cannot probe."""
     target = host_port(address)
     if target is None:
-        return None
+        return None, None
     host, port = target
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
-        return ServerUnreachable(address, f"unknown host {host!r}", "check --server (env FLORENCE2_SERVER)")
+        return None, ServerUnreachable(address, f"unknown host {host!r}", "check --server (env FLORENCE2_SERVER)")
     try:
-        socket.create_connection((infos[0][4][0], port), timeout=timeout).close()
+        return socket.create_connection((infos[0][4][0], port), timeout=timeout), None
     except ConnectionRefusedError:
-        return ServerUnreachable(address, "nothing is listening there", SERVER_HINT)
+        return None, ServerUnreachable(address, "nothing is listening there", SERVER_HINT)
     except OSError as exc:
-        return ServerUnreachable(address, f"no answer ({exc.strerror or exc})",
-                                 "check the address and any firewall between; " + SERVER_HINT)
-    return None
+        return None, ServerUnreachable(address, f"no answer ({exc.strerror or exc})",
+                                       "check the address and any firewall between; " + SERVER_HINT)
+
+
+def network_problem(address: str, timeout: float = 3.0) -> ServerUnreachable | None:
+    """A problem below gRPC that is certain at once (unknown host, nothing listening, no route); None if the
+    host answers on the port (or the target has a scheme this cannot probe)."""
+    sock, problem = _connect(address, timeout)
+    if sock is not None:
+        sock.close()
+    return problem
 
 
 def diagnose(address: str, tls: bool, root_certificates: bytes | None = None,
              certificate_chain: bytes | None = None, private_key: bytes | None = None,
              timeout: float = 3.0) -> ServerUnreachable:
     """Why `address` gave no gRPC connection, as a ServerUnreachable to raise."""
-    problem = network_problem(address, timeout)
+    sock, problem = _connect(address, timeout)
     if problem is not None:
         return problem
-    target = host_port(address)
-    if target is None:
+    if sock is None:
         return ServerUnreachable(address, "no connection within the connect timeout", SERVER_HINT)
-    host, port = target
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        return ServerUnreachable(address, f"no answer ({exc.strerror or exc})", SERVER_HINT)
     with sock:
-        return _diagnose_protocol(address, sock, host, tls, root_certificates, certificate_chain, private_key,
-                                  timeout)
+        return _diagnose_protocol(address, sock, host_port(address)[0], tls, root_certificates, certificate_chain,
+                                  private_key, timeout)
 
 
 def _diagnose_protocol(address, sock, host, tls, root, chain, key, timeout) -> ServerUnreachable:

@@ -105,15 +105,7 @@ PARAMETERS_DOC = """
 
 
 class ClientCore:
-    """Connection settings of either client.
-
-    `address` defaults to $FLORENCE2_SERVER, then 127.0.0.1:50051. `token` is sent as a bearer token.
-    `tls=True` uses TLS with the system roots, or `root_certificates` (PEM bytes); `certificate_chain`
-    and `private_key` add a client certificate (mTLS). `timeout` bounds each call (a job's stream:
-    the whole wait). `retry` governs retries of UNAVAILABLE. `load_balancing`: "round_robin" (default)
-    spreads calls over every address the target resolves to (a headless Service's pods, or
-    `ipv4:10.0.0.1:50051,10.0.0.2:50051`); "pick_first" keeps one connection.
-    """
+    __doc__ = "Connection settings of either client, and the channel each opens.\n" + PARAMETERS_DOC
 
     LOAD_BALANCING = ("round_robin", "pick_first")
 

@@ -104,6 +104,13 @@ def job_fields(job_id: str, model: str = "", task: str = "", request_id: str = "
     return {"job_id": job_id, "model": model, "task": task, "request_id": request_id}
 
 
+def record_fields(record) -> dict:
+    """`extra=` for a log call about a job, from its JobRecord (common/redis_layout.py)."""
+    from florence2_serve.common.tasks import Task
+
+    return job_fields(record.job_id, record.model, Task(record.task).name, record.request_id)
+
+
 # -- JSON Lines on stderr, whoever writes there ------------------------------------------------------
 
 _json_stream = None  # the real stderr, once json_lines_on_stderr took fd 2 over

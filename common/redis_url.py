@@ -12,7 +12,7 @@ def redact(url: str) -> str:
     """`redis://:secret@host:6379/0` -> `redis://:***@host:6379/0` (user names stay; no password, no change)."""
     try:
         parts = urlsplit(url)
-        password = parts.password if "," not in parts.netloc else parts.netloc.rpartition("@")[0].partition(":")[2]
+        password = parts.password  # the userinfo alone: a sentinel list (h1:26379,h2) does not trouble it
     except ValueError:
         return "<unparsable Redis URL>"
     if not password:
@@ -98,19 +98,24 @@ def connect(url: str, **options):
 
     if not is_sentinel(url):
         return redis.Redis.from_url(url, **options)
-    from redis.sentinel import Sentinel
-
     target = parse_sentinel_url(url)
-    timeout = options.get("socket_timeout") or options.get("socket_connect_timeout") or 2.0
-    sentinel_options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if target.sentinel_password:
-        sentinel_options["password"] = target.sentinel_password
     master_options = dict(options)
     if target.tls:
         master_options["ssl"] = True
         master_options.update(dict(target.query))
-    return Sentinel(list(target.sentinels), sentinel_kwargs=sentinel_options).master_for(
+    timeout = options.get("socket_timeout") or options.get("socket_connect_timeout") or 2.0
+    return _sentinels(target, timeout).master_for(
         target.master, db=target.db, username=target.username, password=target.password, **master_options)
+
+
+def _sentinels(target: SentinelTarget, timeout: float):
+    """redis-py's Sentinel client for the target's sentinels (authenticated when they require it)."""
+    from redis.sentinel import Sentinel
+
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if target.sentinel_password:
+        options["password"] = target.sentinel_password
+    return Sentinel(list(target.sentinels), sentinel_kwargs=options)
 
 
 def master_url(url: str) -> str:
@@ -120,11 +125,8 @@ def master_url(url: str) -> str:
         return url
     from urllib.parse import quote, urlencode
 
-    from redis.sentinel import Sentinel
-
     target = parse_sentinel_url(url)
-    options = {"socket_timeout": 2.0, **({"password": target.sentinel_password} if target.sentinel_password else {})}
-    host, port = Sentinel(list(target.sentinels), sentinel_kwargs=options).discover_master(target.master)
+    host, port = _sentinels(target, 2.0).discover_master(target.master)
     credentials = ""
     if target.password is not None:
         credentials = f"{quote(target.username or '', safe='')}:{quote(target.password, safe='')}@"

@@ -138,25 +138,18 @@ class FrontEnd:
             self._collector = register_queue_collector(self.settings.redis_url)
         await self.store.start()
         await self.server.start()
-        if self.http is not None:
-            try:
+        try:
+            if self.http is not None:
                 self.http_port = await self.http.start(self.settings.http_bind_host, self.settings.http_port)
-            except AddressInUse:
-                await self.server.stop(None)
-                await self.store.close()
-                raise
-        if self.settings.health_port:
-            from .probes import ProbeListener
-
-            self.probes = ProbeListener(self.store)
-            try:
+            if self.probes is not None:
                 self.health_port = await self.probes.start(self.settings.health_bind_host, self.settings.health_port)
-            except AddressInUse:
-                await self.server.stop(None)
-                if self.http is not None:
-                    await self.http.stop()
-                await self.store.close()
-                raise
+        except AddressInUse:
+            await self.server.stop(None)
+            for listener in (self.http, self.probes):
+                if listener is not None:
+                    await listener.stop()  # nothing to do for one that never started
+            await self.store.close()
+            raise
         await self._update_health()
         self._health_task = asyncio.create_task(self._health_loop())
         log.info("front end listening: %s", self.describe())
@@ -171,7 +164,8 @@ class FrontEnd:
                  f"reflection {'on' if s.reflection else 'off'}",
                  f"probes on http://{s.health_bind_host}:{self.health_port}" if self.probes is not None
                  else "no probe port",
-                 f"metrics on http://{s.metrics_bind_host}:{s.metrics_port}/metrics" if s.metrics_port else "no metrics",
+                 f"metrics on http://{s.metrics_bind_host}:{s.metrics_port}/metrics" if s.metrics_port
+                 else "no metrics",
                  f"redis {redact(s.redis_url)}"]
         return "; ".join(parts)
 
@@ -262,6 +256,10 @@ def create_server(settings: ServerSettings, address: str | None = None) -> tuple
         from .http_api import HttpApi
 
         front_end.http = HttpApi(servicer, settings, tokens)
+    if settings.health_port:
+        from .probes import ProbeListener
+
+        front_end.probes = ProbeListener(store)
     return front_end, port
 
 

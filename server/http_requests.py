@@ -4,8 +4,8 @@ JSON bodies follow protobuf's canonical JSON mapping (json names or field names,
 as base64); a task may also be given short (`OD`, `<OD>`). Submit and Run also take
 multipart/form-data: the image as a file part named `image`, the other JobSpec fields as form fields
 (`model`, `task`, `text`, `region=x1,y1,x2,y2`, `num_beams`, `max_new_tokens`, `min_new_tokens`,
-`repetition_penalty`, `confidence`, `iou`, `max_detections`, `request_id`, `priority`, `timeout` (seconds or `30s`), `cancel_on_disconnect`,
-`more_tasks` as JSON), or a `job` part holding the JobSpec as JSON.
+`repetition_penalty`, `confidence`, `iou`, `max_detections`, `request_id`, `priority`, `timeout` (seconds or
+`30s`), `cancel_on_disconnect`, `more_tasks` as JSON), or a `job` part holding the JobSpec as JSON.
 
 A body is refused by its Content-Length before it is read when that is over the limit, and otherwise
 while it streams, at the first byte past it; a body that arrives slower than the read limit allows is

@@ -29,6 +29,19 @@ def start_front_end(redis_url: str, **settings) -> FrontEndThread:
     return front
 
 
+def serve_process(redis_url: str, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`florence2 serve` in a process of its own, on a free gRPC port: (the process, its `listening on port …`
+    line); the rest of its stderr is drained."""
+    process = subprocess.Popen([sys.executable, "-m", "florence2_serve.client.cli", "serve", "--redis-url", redis_url,
+                                "--address", "127.0.0.1:0", *flags], stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()
+    while not line.startswith("listening on port "):  # the log lines before it
+        assert line, "serve exited before listening"
+        line = process.stderr.readline()
+    threading.Thread(target=process.stderr.read, daemon=True).start()
+    return process, line
+
+
 class WorkerProcess:
     def __init__(self, redis_url: str, model_arg: str, *args: str, log_dir: Path, worker_id: str):
         self.worker_id = worker_id

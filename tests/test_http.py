@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from http_helpers import CAR, EVENTS, reason, sse, stack, violations  # noqa: F401 - stack: the module's fixture
-from service_helpers import start_front_end
+from service_helpers import serve_process, start_front_end
 
 
 # -- the happy paths --------------------------------------------------------------------------------------
@@ -223,12 +223,8 @@ def test_serve_prints_both_addresses_and_refuses_a_busy_http_port(stack, tmp_pat
         assert refused.returncode == 1 and f"cannot serve HTTP on 127.0.0.1:{port}: the port is in use" in refused.stderr
     finally:
         busy.close()
-    process = subprocess.Popen([*command[:-2]], stderr=subprocess.PIPE, text=True)
+    process, line = serve_process(stack.url)
     try:
-        line = process.stderr.readline()
-        while not line.startswith("listening on port "):  # the log lines before it
-            assert line, "serve exited before listening"
-            line = process.stderr.readline()
         assert "; HTTP at http://127.0.0.1:" in line, line
         http = line.rsplit(" ", 1)[1].strip()
         assert requests.get(f"{http}/healthz", timeout=10).ok

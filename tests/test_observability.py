@@ -6,8 +6,6 @@ import json
 import re
 import socket
 import subprocess
-import sys
-import threading
 import urllib.request
 
 import pytest
@@ -16,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import REPO
 from florence2_serve.client import NO_RETRY, Florence2Client, JobFailed, job_spec
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import wait_for
+from service_helpers import serve_process, wait_for
 
 DASHBOARD = REPO / "docker" / "grafana" / "florence2-dashboard.json"
 
@@ -183,15 +181,8 @@ def test_each_hugging_face_warning_is_logged_once(capsys):
 
 def _serve_process(redis_url: str, metrics_port: int) -> tuple[subprocess.Popen, int]:
     """`florence2 serve` in a process of its own (each front end has its own metrics registry)."""
-    process = subprocess.Popen([sys.executable, "-m", "florence2_serve.client.cli", "serve", "--redis-url", redis_url,
-                                "--address", "127.0.0.1:0", "--no-http", "--metrics-port", str(metrics_port)],
-                               stderr=subprocess.PIPE, text=True)
-    seen = []
-    while not (match := re.search(r"^listening on port (\d+)", seen[-1] if seen else "")):
-        seen.append(process.stderr.readline())
-        assert seen[-1], "".join(seen)  # it exited
-    threading.Thread(target=process.stderr.read, daemon=True).start()
-    return process, int(match.group(1))
+    process, line = serve_process(redis_url, "--no-http", "--metrics-port", str(metrics_port))
+    return process, int(re.search(r"listening on port (\d+)", line).group(1))
 
 
 def _page(port: int) -> str:

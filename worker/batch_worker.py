@@ -42,7 +42,7 @@ from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.generation import GenerationSettings
-from florence2_serve.common.log_setup import job_fields
+from florence2_serve.common.log_setup import record_fields
 from florence2_serve.common.images import ImageError, decode_image
 from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
@@ -214,9 +214,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
             return  # they wait at the front of the queue for whichever worker takes next
         if taken:
             for job in taken:
-                record = job.record
-                log.info("job %s: its worker was lost; it runs here next", job.job_id,
-                         extra=job_fields(job.job_id, record.model, Task(record.task).name, record.request_id))
+                log.info("job %s: its worker was lost; it runs here next", job.job_id, extra=record_fields(job.record))
             self._admit(taken, front=True)
 
     def _next_execution_prefix(self) -> str:
@@ -369,9 +367,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
             if waiting:
                 self._ready.remove(held)
                 self._ready_changed.notify_all()
-        record = held.job.record
-        log.info("job %s cancelled", job_id,
-                 extra=job_fields(job_id, record.model, Task(record.task).name, record.request_id))
+        log.info("job %s cancelled", job_id, extra=record_fields(held.job.record))
         if waiting:
             self._finishing.put([Finished(held.job, "stopped", JobState.CANCELLED.value, CANCELLED_BEFORE_RUN,
                                           started_at=held.taken_at)])

@@ -13,9 +13,8 @@ import time
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
-from florence2_serve.common.log_setup import job_fields
+from florence2_serve.common.log_setup import record_fields
 from florence2_serve.common.rq_bridge import Finished, TakenJob
-from florence2_serve.common.tasks import Task
 
 from .outcomes import Batch, Requeue, batch_endings
 from .presence import REDIS_ERRORS, OutageLog, name_os_thread
@@ -66,9 +65,8 @@ class FinishingLoop:
                 self.connection, requeue, model=settings.model_name, ttl=settings.result_ttl_s,
                 worker_name=settings.worker_id))
             for job in requeue:
-                record = job.record
                 log.info("job %s not finished here: back at the front of its queue", job.job_id,
-                         extra=job_fields(job.job_id, record.model, Task(record.task).name, record.request_id))
+                         extra=record_fields(job.record))
         with self._lock:
             for item in ended:
                 if item.outcome != "started":
