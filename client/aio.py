@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 
-from .core import PARAMETERS_DOC, ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
+from .core import PARAMETERS_DOC, STREAM_CLOSE_WAIT_S, ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
 from .errors import Florence2Error, RpcError
 from .connection import network_problem
 from .image_input import ImageInput
@@ -105,6 +105,7 @@ class AsyncFlorence2Client(ClientCore):
                     state.see(response.event)
                     yield response.event
                     if state.done:
+                        await _closed_by_server(call)
                         return
                 return  # closed by the server: the job has ended (a Watch of an ended job may close empty)
             except grpc.RpcError as exc:
@@ -187,3 +188,11 @@ class AsyncDetectRun(DetectRunBase):
             except Florence2Error:
                 continue
         return cancelled
+
+
+async def _closed_by_server(call) -> None:
+    """Wait (briefly) for the status of a stream the server is ending, rather than cancel it (core.py)."""
+    try:
+        await asyncio.wait_for(call.code(), STREAM_CLOSE_WAIT_S)
+    except (asyncio.TimeoutError, grpc.RpcError):
+        pass

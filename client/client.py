@@ -6,6 +6,7 @@ reconnects and resumes with Watch after the last event it saw, so the caller nev
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Iterable, Iterator
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
 
-from .core import PARAMETERS_DOC, ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
+from .core import PARAMETERS_DOC, STREAM_CLOSE_WAIT_S, ClientCore, DetectOutcome, DetectRunBase, RunState, health_error
 from .errors import Florence2Error, RpcError
 from .connection import network_problem
 from .image_input import ImageInput
@@ -118,6 +119,7 @@ class Florence2Client(ClientCore):
                     state.see(response.event)
                     yield response.event
                     if state.done:
+                        _closed_by_server(call)
                         return
                 return  # closed by the server: the job has ended (a Watch of an ended job may close empty)
             except grpc.RpcError as exc:
@@ -210,3 +212,10 @@ class DetectRun(DetectRunBase):
             except Florence2Error:
                 continue  # never submitted, or gone: nothing to cancel
         return cancelled
+
+
+def _closed_by_server(call) -> None:
+    """Wait (briefly) for the status of a stream the server is ending, rather than cancel it (core.py)."""
+    closed = threading.Event()
+    call.add_done_callback(lambda _call: closed.set())
+    closed.wait(STREAM_CLOSE_WAIT_S)

@@ -15,6 +15,7 @@ import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -23,6 +24,7 @@ from florence2_serve.client import job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.v1 import florence2_pb2 as pb
+from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 from service_helpers import wait_for
 
 CAR = Path(__file__).resolve().parent.parent / "examples" / "car.jpg"
@@ -174,3 +176,66 @@ def test_a_full_redis_refuses_new_jobs_and_still_finishes_every_accepted_one(val
             assert client.wait(job_id, timeout=60).image_width == 600
         assert client.wait(client.submit(job_spec(image, "nop", "OD")).job_id, timeout=60).image_width == 600
     assert connection.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+
+
+class _SlowToCloseService(pb_grpc.Florence2ServiceServicer):
+    """Watch sends a job's terminal event, then takes `close_after_s` to end the stream (a busy front
+    end's event loop), and records whether the client cancelled the stream in between."""
+
+    def __init__(self, close_after_s: float):
+        self.close_after_s = close_after_s
+        self.outcomes: list[str] = []
+
+    async def Watch(self, request, context):
+        yield pb.WatchResponse(event=pb.JobEvent(job_id=request.job_id, event_id="1-0", type=pb.EVENT_TYPE_DONE,
+                                                 state=pb.JOB_STATE_SUCCEEDED))
+        try:
+            await asyncio.sleep(self.close_after_s)
+            self.outcomes.append("closed by the server")
+        except asyncio.CancelledError:
+            self.outcomes.append("cancelled by the client")
+            raise
+
+
+@pytest.fixture
+def slow_to_close_server():
+    service = _SlowToCloseService(close_after_s=0.3)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder = {}
+
+    async def serve():
+        server = grpc.aio.server()
+        pb_grpc.add_Florence2ServiceServicer_to_server(service, server)
+        holder["port"] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        holder["server"] = server
+        started.set()
+        await server.wait_for_termination()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    yield service, f"127.0.0.1:{holder['port']}"
+    asyncio.run_coroutine_threadsafe(holder["server"].stop(None), loop).result(10)
+    thread.join(10)
+
+
+def test_clients_let_the_server_close_a_finished_stream(slow_to_close_server):
+    """Cancelling a stream between its last message and its status leaks ~80 native bytes per stream
+    in grpc.aio (grpc/grpc#43360): the soak's front end grew ~45 bytes per job until the clients, on a
+    job's terminal event, waited for the server's status instead of cancelling."""
+    from florence2_serve.client import AsyncFlorence2Client, Florence2Client
+
+    service, address = slow_to_close_server
+    with Florence2Client(address, timeout=10) as client:
+        events = list(client.watch("j" * 26))
+    assert [e.type for e in events] == [pb.EVENT_TYPE_DONE]
+
+    async def watch_async():
+        async with AsyncFlorence2Client(address, timeout=10) as client:
+            return [e async for e in client.watch("j" * 26)]
+
+    assert [e.type for e in asyncio.run(watch_async())] == [pb.EVENT_TYPE_DONE]
+    assert wait_for(lambda: len(service.outcomes) == 2, timeout=5)
+    assert service.outcomes == ["closed by the server"] * 2
