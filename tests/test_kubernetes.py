@@ -27,16 +27,58 @@ def kustomization() -> dict:
     return yaml.safe_load((K8S / "kustomization.yaml").read_text())
 
 
-def build() -> list[dict]:
-    """What `kustomize build deploy/kubernetes` gives, for the features kustomization.yaml uses."""
+def _merge(base, patch):
+    """A strategic-merge patch, as far as these manifests use it: maps merge, lists of named items merge by name."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(patch, list) and all(isinstance(i, dict) and "name" in i
+                                                                   for i in [*base, *patch]):
+        merged = [dict(item) for item in base]
+        for item in patch:
+            found = [i for i, old in enumerate(merged) if old["name"] == item["name"]]
+            if found:
+                merged[found[0]] = _merge(merged[found[0]], item)
+            else:
+                merged.append(item)
+        return merged
+    return patch
+
+
+def build(components: list[str] | None = None) -> list[dict]:
+    """What `kustomize build deploy/kubernetes` gives, for the features kustomization.yaml and its components
+    use; `components` overrides the kustomization's own list (["sentinel"]: the replicated valkey)."""
     spec = kustomization()
     unknown = set(spec) - {"apiVersion", "kind", "namespace", "labels", "resources", "images", "configMapGenerator",
-                           "replicas"}
+                           "replicas", "components"}
     assert not unknown, f"this test's builder does not apply {unknown}"
     docs = [doc for name in spec["resources"] for doc in yaml.safe_load_all((K8S / name).read_text()) if doc]
-    for generated in spec.get("configMapGenerator", []):
-        data = dict(literal.split("=", 1) for literal in generated["literals"])
-        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generated["name"]}, "data": data})
+    generators = {generated["name"]: dict(literal.split("=", 1) for literal in generated["literals"])
+                  for generated in spec.get("configMapGenerator", [])}
+    for component in spec.get("components", []) if components is None else components:
+        root = K8S / component
+        part = yaml.safe_load((root / "kustomization.yaml").read_text())
+        assert part["kind"] == "Component"
+        assert not set(part) - {"apiVersion", "kind", "resources", "patches", "configMapGenerator"}, component
+        docs += [doc for name in part.get("resources", []) for doc in yaml.safe_load_all((root / name).read_text())
+                 if doc]
+        for item in part.get("patches", []):
+            patch = yaml.safe_load(item["patch"])
+            matches = [doc for doc in docs if (doc["kind"], doc["metadata"]["name"]) ==
+                       (patch["kind"], patch["metadata"]["name"])]
+            assert len(matches) == 1, f"{component}: the patch of {patch['kind']}/{patch['metadata']['name']}"
+            (target,) = matches
+            if patch.get("$patch") == "delete":
+                docs.remove(target)
+            else:
+                docs[docs.index(target)] = _merge(target, patch)
+        for generated in part.get("configMapGenerator", []):
+            assert generated.get("behavior") == "merge" and generated["name"] in generators
+            generators[generated["name"]].update(literal.split("=", 1) for literal in generated["literals"])
+    for name, data in generators.items():
+        docs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})
     images = {image["name"]: f"{image['newName']}:{image['newTag']}" for image in spec.get("images", [])}
     replicas = {item["name"]: item["count"] for item in spec.get("replicas", [])}
     extra_labels = {k: v for item in spec.get("labels", []) for k, v in item["pairs"].items()}
@@ -52,6 +94,30 @@ def build() -> list[dict]:
             if name in images:
                 container["image"] = images[name]
     return docs
+
+
+VARIANTS = {"single valkey": [], "valkey with sentinel": ["sentinel"]}
+
+
+def env_values(container: dict, docs: list[dict]) -> dict[str, str]:
+    """A container's environment as the kubelet sets it: envFrom ConfigMaps first, then env with its $(VAR)s
+    expanded (a Secret's value stays a `SECRET.name.key` marker)."""
+    config_maps = by_kind(docs, "ConfigMap")
+    values = {}
+    for source in container.get("envFrom", []):
+        values.update(config_maps[source["configMapRef"]["name"]]["data"])
+    for env in container.get("env", []):
+        if "value" in env:
+            values[env["name"]] = re.sub(r"\$\((\w+)\)", lambda m: values.get(m.group(1), m.group(0)), env["value"])
+        elif "secretKeyRef" in env["valueFrom"]:
+            ref = env["valueFrom"]["secretKeyRef"]
+            values[env["name"]] = f"SECRET.{ref['name']}.{ref['key']}"
+        elif "configMapKeyRef" in env["valueFrom"]:
+            ref = env["valueFrom"]["configMapKeyRef"]
+            values[env["name"]] = config_maps[ref["name"]]["data"][ref["key"]]
+        else:
+            values[env["name"]] = f"<{env['name']}>"
+    return values
 
 
 def pod_spec(doc: dict) -> dict | None:
@@ -79,21 +145,24 @@ def test_the_kustomization_lists_every_manifest_and_sets_what_a_deployment_chang
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
-def test_kubernetes_manifests_validate_against_the_kubernetes_schemas():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kubernetes_manifests_validate_against_the_kubernetes_schemas(variant):
     import kubernetes_validate
 
-    builtin = [doc for doc in build() if not doc["apiVersion"].startswith("keda.sh/")]
+    builtin = [doc for doc in build(VARIANTS[variant]) if not doc["apiVersion"].startswith("keda.sh/")]
     assert {doc["kind"] for doc in builtin} >= {"Namespace", "Service", "StatefulSet", "Deployment", "NetworkPolicy",
                                                  "PersistentVolumeClaim", "ConfigMap"}
     for doc in builtin:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
 
 
-def test_every_pod_is_admitted_by_pod_security_restricted():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_pod_is_admitted_by_pod_security_restricted(variant):
     """The "restricted" profile's checks (kubernetes.io/docs/concepts/security/pod-security-standards), and a
     read-only root filesystem with writable volumes where a process writes."""
-    pods = {doc["metadata"]["name"]: doc for doc in build() if pod_spec(doc) is not None}
-    assert set(pods) == {"valkey", "florence2-frontend", "florence2-worker-base"}
+    pods = {doc["metadata"]["name"]: doc for doc in build(VARIANTS[variant]) if pod_spec(doc) is not None}
+    valkey = "valkey-ha" if VARIANTS[variant] else "valkey"
+    assert set(pods) == {valkey, "florence2-frontend", "florence2-worker-base"}
     for name, doc in pods.items():
         spec = pod_spec(doc)
         pod = spec.get("securityContext", {})
@@ -117,8 +186,9 @@ def test_every_pod_is_admitted_by_pod_security_restricted():
         assert "/tmp" in mounts, name
 
 
-def test_every_reference_resolves():
-    docs = build()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_reference_resolves(variant):
+    docs = build(VARIANTS[variant])
     config_maps, claims = by_kind(docs, "ConfigMap"), by_kind(docs, "PersistentVolumeClaim")
     readme = (REPO / "README.md").read_text()
     for doc in docs:
@@ -127,8 +197,13 @@ def test_every_reference_resolves():
         for volume in pod_spec(doc).get("volumes", []):
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims
+        for volume in pod_spec(doc).get("volumes", []):
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, volume
         for container in containers(doc):
             declared = []
+            for source in container.get("envFrom", []):
+                declared += config_maps[source["configMapRef"]["name"]]["data"]
             for env in container.get("env", []):
                 source = env.get("valueFrom", {})
                 if "configMapKeyRef" in source:
@@ -156,8 +231,8 @@ def test_valkey_needs_its_password_and_only_the_service_reaches_it():
     valkey = by_kind(docs, "StatefulSet")["valkey"]["spec"]["template"]["spec"]["containers"][0]
     assert valkey["args"][valkey["args"].index("--requirepass") + 1] == "$(VALKEY_PASSWORD)"
     for name in ("florence2-frontend", "florence2-worker-base"):
-        env = {e["name"]: e for e in by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0]["env"]}
-        assert env["REDIS_URL"]["value"].startswith("redis://:$(VALKEY_PASSWORD)@valkey:6379/")
+        env = env_values(by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0], docs)
+        assert env["REDIS_URL"] == "redis://:SECRET.florence2-valkey.password@valkey:6379/0"
     (policy,) = by_kind(docs, "NetworkPolicy").values()
     assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "valkey"}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
@@ -174,11 +249,12 @@ def test_valkey_needs_its_password_and_only_the_service_reaches_it():
     assert keda["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "keda"}
 
 
-def test_keda_scaled_object_validates_and_points_at_the_workers_queue_in_the_namespace():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_keda_scaled_object_validates_and_points_at_the_workers_queue_in_the_namespace(variant):
     import jsonschema
 
     schema = json.loads((K8S / "schemas" / "keda-scaledobject-v1alpha1.json").read_text())
-    docs = build()
+    docs = build(VARIANTS[variant])
     scaled = list(by_kind(docs, "ScaledObject").values())
     deployments, config_maps = by_kind(docs, "Deployment"), by_kind(docs, "ConfigMap")
     auths = by_kind(docs, "TriggerAuthentication")
@@ -241,3 +317,51 @@ def test_probes_use_the_plaintext_probe_port_and_workers_share_a_warmed_cache():
     warm_env = {e["name"]: e for e in warm["env"]}
     assert warm_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "florence2-hf", "key": "token",
                                                                   "optional": True}
+
+
+def test_the_sentinel_component_points_every_client_at_the_sentinels_of_its_pods():
+    from florence2_serve.common.redis_url import parse_sentinel_url
+
+    docs = build(["sentinel"])
+    stateful = by_kind(docs, "StatefulSet")
+    assert set(stateful) == {"valkey-ha"}  # the single valkey pod is gone
+    ha = stateful["valkey-ha"]
+    pod = ha["spec"]["template"]
+    service = by_kind(docs, "Service")[ha["spec"]["serviceName"]]
+    assert service["spec"]["clusterIP"] == "None" and ha["spec"]["replicas"] == 3
+    hosts = [f"valkey-ha-{i}.{ha['spec']['serviceName']}" for i in range(ha["spec"]["replicas"])]
+    script = by_kind(docs, "ConfigMap")["valkey-ha-scripts"]["data"]["valkey-ha.sh"]
+    common = {"SELF", "PEERS", "VALKEY_PORT", "SENTINEL_PORT", "MASTER_SET", "BIND_ADDRESS", "VALKEY_PASSWORD"}
+    needs = {"server": common | {"DATA_DIR", "MAXMEMORY"},
+             "sentinel": common | {"SENTINEL_DIR", "QUORUM", "DOWN_AFTER_MS", "FAILOVER_TIMEOUT_MS"}}
+    assert set(re.findall(r"\$\{?([A-Z_]+)", script)) == needs["server"] | needs["sentinel"]
+    for container in pod["spec"]["containers"]:
+        env = env_values(container, docs)
+        role = container["command"][-1]
+        assert needs[role] <= set(env), (role, needs[role] - set(env))
+        assert env["SELF"] == f"<POD_NAME>.{ha['spec']['serviceName']}" and env["PEERS"].split() == hosts
+    sentinel_env = env_values(pod["spec"]["containers"][1], docs)
+    for name in ("florence2-frontend", "florence2-worker-base"):
+        env = env_values(by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0], docs)
+        target = parse_sentinel_url(env["REDIS_URL"])
+        assert target.sentinels == tuple((host, int(sentinel_env["SENTINEL_PORT"])) for host in hosts), name
+        assert target.master == sentinel_env["MASTER_SET"] and target.password == "SECRET.florence2-valkey.password"
+    # KEDA reads the queue length through the `valkey` Service, which now reaches the three pods.
+    selector = by_kind(docs, "Service")["valkey"]["spec"]["selector"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    allowed = {}  # port -> app names allowed in (policies add up)
+    for policy in by_kind(docs, "NetworkPolicy").values():
+        assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "valkey"}
+        for rule in policy["spec"]["ingress"]:
+            names = set()
+            for peer in rule["from"]:
+                labels = peer.get("podSelector", {})
+                names |= {labels["matchLabels"]["app.kubernetes.io/name"]} if "matchLabels" in labels and \
+                    "namespaceSelector" not in peer else set()
+                for expression in labels.get("matchExpressions", []):
+                    names |= set(expression["values"])
+            for port in rule["ports"]:
+                allowed.setdefault(port["port"], set()).update(names)
+    assert {"florence2-frontend", "florence2-worker", "valkey"} <= allowed[26379]
+    assert {"florence2-frontend", "florence2-worker", "valkey"} <= allowed[6379]
+    assert by_kind(docs, "PodDisruptionBudget")["valkey-ha"]["spec"]["maxUnavailable"] == 1
