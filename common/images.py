@@ -6,6 +6,7 @@ configured pixel limit; anything else is an ImageError that says what is wrong.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from dataclasses import dataclass
@@ -121,6 +122,29 @@ def reuse_image_memory(images_in_flight: int, environ=None) -> int:
     blocks = max(4, images_in_flight)
     Image.core.set_blocks_max(blocks)
     return blocks
+
+
+def release_image_memory() -> None:
+    """Hand Pillow's kept pixel blocks, and the allocator's free memory, back to the system: an idle
+    worker's RSS is then its baseline whatever images it last saw (the cache fills again with the next
+    batch). Without this, RSS at rest depends on how many images were in flight at the busiest moment so
+    far, up to reuse_image_memory's bound."""
+    Image.core.clear_cache()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

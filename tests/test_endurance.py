@@ -239,3 +239,29 @@ def test_clients_let_the_server_close_a_finished_stream(slow_to_close_server):
     assert [e.type for e in asyncio.run(watch_async())] == [pb.EVENT_TYPE_DONE]
     assert wait_for(lambda: len(service.outcomes) == 2, timeout=5)
     assert service.outcomes == ["closed by the server"] * 2
+
+
+def test_an_idle_worker_gives_its_image_memory_back():
+    """The pixel-block cache fills to what the busiest batch had in flight (up to 2 x batch + 4 blocks):
+    RSS at rest would then depend on history. Releasing it when the worker goes idle puts RSS back at its
+    baseline (the soak benchmark's at-rest marks)."""
+    import os
+
+    from PIL import Image
+
+    from florence2_serve.common.images import release_image_memory, reuse_image_memory
+
+    kept = Image.core.get_blocks_max()
+    try:
+        reuse_image_memory(24)
+        release_image_memory()
+        before = rss_mb(os.getpid())
+        images = [Image.new("RGB", (1280, 960), (i, i, i)) for i in range(24)]  # ~4.9 MB each, touched
+        del images
+        cached = rss_mb(os.getpid())
+        release_image_memory()
+        after = rss_mb(os.getpid())
+    finally:
+        Image.core.set_blocks_max(kept)
+    assert cached - before > 60, (before, cached)  # the blocks stayed with Pillow
+    assert after - before < 15, (before, cached, after)

@@ -12,8 +12,10 @@ import grpc
 import pytest
 
 from florence2_serve.client import Florence2Client, RetryPolicy, job_spec
+from florence2_serve.client.errors import RpcError
 from florence2_serve.common.redis_url import connect, parse_sentinel_url
 from florence2_serve.v1 import florence2_pb2 as pb
+from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 from sentinel_helpers import SentinelSet
 from service_helpers import start_front_end, wait_for
 
@@ -54,7 +56,26 @@ def test_a_failover_loses_no_acknowledged_job_with_wait(sentinels, worker_factor
                 with lock:
                     acknowledged.append(response.job_id)
 
+    refusals: list[tuple[str, str, float | None]] = []  # what a client without retries is told in the gap
+
+    def probe_loop() -> None:
+        channel = grpc.insecure_channel(address)
+        stub = pb_grpc.Florence2ServiceStub(channel)
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                stub.Submit(pb.SubmitRequest(job=job_spec(tiny_png, "nop", "CAPTION", request_id=f"probe-{n}")),
+                            timeout=5)
+            except grpc.RpcError as exc:
+                error = RpcError.from_grpc(exc)
+                with lock:
+                    refusals.append((error.code().name, error.reason, error.retry_delay_s))
+                time.sleep(0.05)
+        channel.close()
+
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=probe_loop))
     try:
         for thread in threads:
             thread.start()
@@ -83,11 +104,17 @@ def test_a_failover_loses_no_acknowledged_job_with_wait(sentinels, worker_factor
         assert len(set(acknowledged)) == len(acknowledged)  # each Submit its own job (distinct request ids)
         assert all(state == "JOB_STATE_SUCCEEDED" for state in states.values()), set(states.values())
         assert codes <= {"UNAVAILABLE"}, codes
+        # Unretried, the gap is answered UNAVAILABLE with RetryInfo (what the clients' retries follow), only.
+        assert refusals, "the probe saw no refusal: the gap was not observed"
+        assert {code for code, _, _ in refusals} == {"UNAVAILABLE"}, refusals
+        assert all(delay is not None and delay > 0 for _, _, delay in refusals), refusals
         with capsys.disabled():
             print(f"\nfailover: sentinels promoted the replica {gap:.1f} s after the kill, the old primary rejoined "
                   f"as a replica {rejoined:.1f} s later, Submit answered again "
                   f"{resumed_s:.1f} s after it; {len(acknowledged)} jobs acknowledged ({before} before), all DONE "
-                  f"({drained_s:.1f} s to drain); non-OK codes seen: {sorted(codes) or 'none'}")
+                  f"({drained_s:.1f} s to drain); non-OK codes seen: {sorted(codes) or 'none'}; an unretried probe "
+                  f"was refused {len(refusals)} times, all UNAVAILABLE with RetryInfo "
+                  f"({sorted({reason for _, reason, _ in refusals})})")
     finally:
         stop.set()
         front.stop()

@@ -43,7 +43,7 @@ from florence2_serve.common import rq_bridge
 from florence2_serve.common.errors import JobError, Reason
 from florence2_serve.common.generation import GenerationSettings
 from florence2_serve.common.log_setup import record_fields
-from florence2_serve.common.images import ImageError, decode_image
+from florence2_serve.common.images import ImageError, decode_image, release_image_memory
 from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
 from florence2_serve.common.tasks import Task
@@ -83,6 +83,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         self._finishing: queue.Queue = queue.Queue()
         self._busy = False
         self._last_batch_size = 1
+        self._worked_since_idle = False
         self._generate_calls_written = 0
         self._executions = itertools.count(1)
         self._execution_prefix = uuid.uuid4().hex[:12]
@@ -225,6 +226,9 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         try:
             token = self.connection.blpop([layout.wake_key(self.settings.model_name)],
                                           timeout=self.settings.wake_timeout_s)
+            if token is None and self._worked_since_idle and not self._ready and not self._busy:
+                self._worked_since_idle = False  # idle for a whole wake timeout: give image memory back
+                release_image_memory()
             if token is not None and not self._accepting:
                 self.connection.rpush(layout.wake_key(self.settings.model_name), 1)  # not ours to take: pass it on
         except REDIS_ERRORS:
@@ -233,6 +237,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
     def _admit(self, taken: list[TakenJob], front: bool = False) -> None:
         """Held from now on: ready for the model (at the front of `ready` with front=True), or finished at
         once if they cannot run."""
+        self._worked_since_idle = True
         taken_at = time.time()
         ready: list[Held] = []
         not_run: list[Finished] = []
