@@ -265,3 +265,33 @@ def test_an_idle_worker_gives_its_image_memory_back():
         Image.core.set_blocks_max(kept)
     assert cached - before > 60, (before, cached)  # the blocks stayed with Pillow
     assert after - before < 15, (before, cached, after)
+
+
+def test_an_idle_worker_keeps_no_image_of_its_last_batch(valkey, worker_factory):
+    """Nothing of the last batch stays referenced while the worker waits for work (the model loop's and
+    the finisher's locals, the fetcher's last take), and the pixel cache is released: a worker that
+    decoded eight 6 MP photos (~24 MB each in memory) is back near its RSS from before them."""
+    import io
+
+    import redis
+    from PIL import Image
+
+    worker = worker_factory(valkey.connection_url, "nop=noop", "--kind", "noop", "--batch-size", "8",
+                            worker_id="idle-w")
+    connection = redis.Redis.from_url(valkey.connection_url)
+    small, big = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(small, "JPEG")
+    Image.new("RGB", (3000, 2000), (200, 120, 40)).save(big, "JPEG")
+
+    def done(count: int) -> bool:
+        return int(connection.hget(layout.worker_key("idle-w"), "jobs_done") or 0) >= count
+
+    asyncio.run(_enqueue(valkey.connection_url, small.getvalue(), 0, 8))
+    wait_for(lambda: done(8), timeout=60, message="the small jobs done")
+    time.sleep(1.5)  # idle for longer than the wake timeout: released
+    before = rss_mb(worker.process.pid)
+    asyncio.run(_enqueue(valkey.connection_url, big.getvalue(), 8, 8))
+    wait_for(lambda: done(16), timeout=60, message="the big jobs done")
+    time.sleep(1.5)
+    after = rss_mb(worker.process.pid)
+    assert after - before < 40, f"RSS at rest {before:.0f} MB before eight 6 MP images, {after:.0f} MB after"

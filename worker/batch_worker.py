@@ -186,6 +186,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                     if not taken:
                         return
                     continue
+                taken = closed = None  # the images are the model's now: not kept alive by an idle fetcher
                 self._wait_for_work()
         finally:
             with self._ready_changed:
@@ -318,6 +319,8 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                 self._finishing.put(Batch(runnable, self._run(runnable)))
                 running.set(0)
             self._busy = False
+            # Not held while waiting for the next batch: an idle worker keeps no decoded image alive.
+            batch = runnable = held = None
 
     def _start(self, batch: list[Held]) -> list[Held]:
         """The jobs of `batch` the model runs now (STARTED is written for them); the others end here."""

@@ -29,27 +29,31 @@ class FinishingLoop:
     def _finish_loop(self) -> None:
         name_os_thread("f2s-finisher")
         while True:
-            item = self._finishing.get()
-            items = [item]
-            while True:  # everything already waiting goes out in the same round trip
-                try:
-                    items.append(self._finishing.get_nowait())
-                except queue.Empty:
-                    break
-            stop = None in items
-            ended: list[Finished] = []
-            requeue: list[TakenJob] = []
-            worked = 0.0
-            for entry in items:
-                if isinstance(entry, Batch):
-                    worked += batch_endings(entry, self.settings.worker_id, self._now.is_set(), ended, requeue)
-                elif isinstance(entry, Requeue):
-                    requeue.extend(entry.jobs)
-                elif entry:
-                    ended.extend(entry)
-            self._write(ended, requeue, worked)
-            if stop:
+            if self._finish_next(self._finishing.get()):
                 return
+
+    def _finish_next(self, item) -> bool:
+        """Write `item` and everything already waiting behind it in one round trip; True at the stop
+        marker. A method of its own so that nothing of the batches stays referenced while the finisher
+        waits for the next (an idle worker keeps no image or result alive)."""
+        items = [item]
+        while True:
+            try:
+                items.append(self._finishing.get_nowait())
+            except queue.Empty:
+                break
+        ended: list[Finished] = []
+        requeue: list[TakenJob] = []
+        worked = 0.0
+        for entry in items:
+            if isinstance(entry, Batch):
+                worked += batch_endings(entry, self.settings.worker_id, self._now.is_set(), ended, requeue)
+            elif isinstance(entry, Requeue):
+                requeue.extend(entry.jobs)
+            elif entry:
+                ended.extend(entry)
+        self._write(ended, requeue, worked)
+        return None in items
 
     def _write(self, ended: list[Finished], requeue: list[TakenJob], worked: float) -> None:
         settings = self.settings
