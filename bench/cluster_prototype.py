@@ -40,7 +40,6 @@ sys.path.insert(0, str(REPO))
 
 from florence2_serve.common import redis_layout as layout  # noqa: E402
 from florence2_serve.common import rq_bridge  # noqa: E402
-from florence2_serve.common.errors import JobError  # noqa: E402
 from florence2_serve.server.jobs import new_job_id, new_record  # noqa: E402
 from florence2_serve.v1 import florence2_pb2 as pb  # noqa: E402
 
@@ -136,9 +135,9 @@ class TaggedTemplates(rq_bridge.JobTemplates):
         return f"{super().key(queue_name)}{{{self.tag}}}"
 
 
-def spec(model: str, job_id: str):
-    record = new_record(model, "OD", "", None, {"num_beams": 3}, "", 0, None, 0.0, job_id=job_id)
-    return record
+def record_of(model: str, job_id: str):
+    """What Submit stores for an `<OD>` job at 3 beams (server/jobs.py)."""
+    return new_record(model, "OD", "", None, {"num_beams": 3}, "", 0, None, 0.0, job_id=job_id)
 
 
 async def enqueue_all(port: int, model: str, tag: str, jobs: int, image: bytes) -> tuple[list[str], float]:
@@ -148,7 +147,7 @@ async def enqueue_all(port: int, model: str, tag: str, jobs: int, image: bytes) 
     started = time.perf_counter()
     for _ in range(jobs):
         job_id = f"{{{tag}}}{new_job_id()}" if tag else new_job_id()
-        await rq_bridge.enqueue(connection, spec(model, job_id), image, "fp", ttl=3600, max_depth=10 ** 6,
+        await rq_bridge.enqueue(connection, record_of(model, job_id), image, "fp", ttl=3600, max_depth=10 ** 6,
                                 templates=templates, priority=0)
         ids.append(job_id)
     seconds = time.perf_counter() - started
