@@ -4,6 +4,7 @@
   python bench/bench_decode.py tasks  [--size base]                     # three tasks on one image vs one
   python bench/bench_decode.py mixed  [--clients 32] [--jobs 192]       # the service, short + long jobs
   python bench/bench_decode.py gpu                                      # the GPU targets (needs CUDA)
+  python bench/bench_decode.py steps  [--new-tokens 48] [--repeats 3]   # host time per step, 1-8 requests
 
 core:  `<OD>`, batch 1, fixed new tokens (min = max), greedy and beams 3: per-request time of
        `Florence2Engine` (transformers' generate) against `DecodeEngine` eager and compiled; the tokens
@@ -15,6 +16,9 @@ mixed: half short jobs (CAPTION, 8 new tokens), half long (OD, 96 new tokens), g
        p50/p99, for `--engine generate` (static batches) and `--engine decode` (iteration-level).
 gpu:   base fp16 `<OD>` batch 1 (beams 3, up to 1024 tokens: the seed's run) latency and peak VRAM;
        large CAPTION throughput at batch 32; with and without --compile.
+steps: `DecodeEngine.run_batch` with 1, 2, 4 and 8 concurrent `<OD>` requests (distinct images), greedy
+       and beams 3, forced lengths: time per decoding step = (time at --new-tokens - time at 8 tokens)
+       / (--new-tokens - 8), which leaves out the vision encoding; median of --repeats.
 Models are built offline with random weights (bench/out/models); JSON results go to bench/out/.
 """
 
@@ -242,9 +246,41 @@ def gpu(args) -> dict:
     return report
 
 
+def steps(args) -> dict:
+    from florence2_serve.common.generation import GenerationSettings
+    from florence2_serve.common.tasks import Task
+    from florence2_serve.worker.model_builder import lesson_images
+
+    loaded, engines = _engines(args.size, args.device, args.dtype, False)
+    engine = engines["decode"]
+    images = lesson_images()
+    rows = []
+    for beams in (1, 3):
+        per_step = {}
+        for count in (1, 2, 4, 8):
+            def run(tokens: int) -> float:
+                settings = GenerationSettings(num_beams=beams, max_new_tokens=tokens, min_new_tokens=tokens)
+                batch = [_request(Task.OD, settings, images[i % len(images)]) for i in range(count)]
+                _sync(loaded)
+                started = time.perf_counter()
+                engine.run_batch(batch)
+                _sync(loaded)
+                return time.perf_counter() - started
+
+            run(args.new_tokens)  # warm-up: caches grown to this size
+            samples = []
+            for _ in range(args.repeats):
+                long, short = run(args.new_tokens), run(8)
+                samples.append((long - short) * 1000 / (args.new_tokens - 8))
+            per_step[count] = round(statistics.median(samples), 3)
+        rows.append({"beams": beams, "ms_per_step": per_step,
+                     "ratio_8_to_1": round(per_step[8] / per_step[1], 2)})
+    return {"rows": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["core", "tasks", "mixed", "gpu"])
+    parser.add_argument("part", choices=["core", "tasks", "mixed", "gpu", "steps"])
     parser.add_argument("--size", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
@@ -262,7 +298,7 @@ def main() -> None:
 
     if args.device == "cpu" and args.part != "mixed":
         torch.set_num_threads(args.torch_threads)
-    result = {"core": core, "tasks": tasks, "mixed": mixed, "gpu": gpu}[args.part](args)
+    result = {"core": core, "tasks": tasks, "mixed": mixed, "gpu": gpu, "steps": steps}[args.part](args)
     report = {"meta": {"python": platform.python_version(), "torch": torch.__version__,
                        "transformers": transformers.__version__, "cpus": os.cpu_count(),
                        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}, **result}

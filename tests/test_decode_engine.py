@@ -99,6 +99,32 @@ def test_requests_join_and_leave_mid_decoding_with_unchanged_outputs(engines):
     assert any(still_active > 0 and outcome.request.generation.max_new_tokens == 6 for outcome, still_active in ended)
 
 
+def test_beam_requests_of_several_widths_and_lengths_search_together_with_unchanged_outputs(engines):
+    """Beam searches of one width step as one group: members of different lengths join while others
+    decode, leave when done, and each gets the tokens it gets alone."""
+    plain, fast = engines
+    mixed = [GenerationSettings(num_beams=3, max_new_tokens=40), GenerationSettings(num_beams=3, max_new_tokens=12),
+             GenerationSettings(num_beams=2, max_new_tokens=25), GenerationSettings(num_beams=4, max_new_tokens=8),
+             GenerationSettings(num_beams=3, max_new_tokens=30, repetition_penalty=1.3)]
+    requests = _requests(mixed, tasks=[Task.OD, Task.CAPTION])
+    expected = {id(r): _texts(plain.run_batch([c]))[0] for r, c in zip(requests, _copy(requests))}
+    waiting = list(requests)
+    ended, widest = [], {"members": 0}
+
+    def pull(free_rows, block):
+        widest["members"] = max([widest["members"], *(len(g.members) for g in fast.beam_groups.values())])
+        if waiting and waiting[0].generation.num_beams <= free_rows:
+            return [waiting.pop(0)]
+        return [] if waiting or fast.active else None
+
+    fast.serve(pull, ended.append)
+    assert len(ended) == len(requests)
+    for outcome in ended:
+        assert _texts([outcome])[0] == expected[id(outcome.request)]
+    assert widest["members"] >= 3  # several requests really did share a group's step
+    assert all(not group.members for group in fast.beam_groups.values())
+
+
 def test_a_cancelled_request_leaves_at_once_and_frees_its_rows(engines):
     _, fast = engines
     flag = {"stop": False}

@@ -27,7 +27,7 @@ from florence2_serve.common.tasks import Task
 from ..engine import Florence2Engine
 from ..inference import InferenceOutcome, InferenceRequest
 from .logits import Specials, process
-from .search import BeamSearch, GreedySearch
+from .search import BeamGroup, GreedySearch, GroupedBeam
 from .static_decoder import StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class Active:
     rows: list[int]
     row_index: torch.Tensor
     source_length: int
-    search: GreedySearch | BeamSearch
+    search: GreedySearch | GroupedBeam
     started: float
     preprocess_ms: float = 0.0
     steps: int = 0
@@ -90,6 +90,7 @@ class DecodeEngine(Florence2Engine):
         self.beam_rows = torch.zeros(rows, dtype=torch.bool, device=device)
         self.free = list(range(rows))
         self.active: list[Active] = []
+        self.beam_groups: dict[int, BeamGroup] = {}  # by beam width: their searches step together
         self.images: OrderedDict = OrderedDict()
         self.image_encodings = 0
         self.step_fn = self.decoder
@@ -184,10 +185,17 @@ class DecodeEngine(Florence2Engine):
             source_length = int(masks[index].nonzero().max()) + 1  # through the last real token, whichever side pads
             self._load_rows(rows, request, states[index:index + 1, :source_length], masks[index:index + 1, :source_length])
             max_length = 1 + request.generation.max_new_tokens
-            search = (BeamSearch(beams, max_length, self.specials, self.decoder.device) if beams > 1
+            row_index = torch.tensor(rows, device=self.decoder.device)
+            search = (self._beam_group(beams).join(max_length, row_index) if beams > 1
                       else GreedySearch(max_length, self.specials))
-            self.active.append(Active(request, outcome, rows, torch.tensor(rows, device=self.decoder.device),
-                                      source_length, search, started, preprocess_ms))
+            self.active.append(Active(request, outcome, rows, row_index, source_length, search, started,
+                                      preprocess_ms))
+
+    def _beam_group(self, beams: int) -> BeamGroup:
+        group = self.beam_groups.get(beams)
+        if group is None:
+            group = self.beam_groups[beams] = BeamGroup(beams, self.specials, self.decoder.device)
+        return group
 
     def _encode(self, requests: list[InferenceRequest], prompts: list[str]):
         """Encoder states [n, S, d] and masks [n, S] for the requests (image features from the cache)."""
@@ -308,7 +316,7 @@ class DecodeEngine(Florence2Engine):
         chosen = greedy_choice.tolist() if any(a.search.beams == 1 for a in self.active) else []
         finished = []
         new_tokens, new_rows = [], []
-        beam_steps = []
+        of_search = {id(active.search): active for active in self.active}
         for active in self.active:
             active.steps += 1
             if isinstance(active.search, GreedySearch):
@@ -317,21 +325,16 @@ class DecodeEngine(Florence2Engine):
                 new_tokens.append(chosen[row])
                 if active.search.advance(chosen[row]):
                     finished.append(active)
-            else:
-                parents, beam_done = active.search.advance(scores[active.row_index])
-                beam_steps.append((active, parents, beam_done))
-        if beam_steps:
-            flags = torch.stack([step[2] for step in beam_steps]).tolist()
-            for (active, parents, _), is_done in zip(beam_steps, flags):
-                rows, search = active.row_index, active.search
-                length = search.length - 1  # cached positions before this step's token
-                source = rows[parents]
-                self.decoder.copy_rows(rows, source, length)
-                self.sequences[rows, :length + 1] = search.running[:, :length + 1]
-                if active.request.generation.repetition_penalty != 1.0:
-                    self.seen[rows] = self.seen[source]
-                    self.seen[rows, search.running[:, length]] = True
-                self.lengths[rows] = length + 1
+        beam_members: list[Active] = []
+        done_flags = []
+        for group in self.beam_groups.values():
+            if group.members:
+                members = [of_search[id(member)] for member in group.members]
+                self._step_beams(group, members, scores)
+                beam_members += members
+                done_flags.append(group.done)
+        if beam_members:
+            for active, is_done in zip(beam_members, torch.cat(done_flags).tolist()):
                 if is_done:
                     finished.append(active)
         if new_rows:
@@ -345,6 +348,23 @@ class DecodeEngine(Florence2Engine):
             self._finish(active)
             self._leave(active, done)
 
+    def _step_beams(self, group: BeamGroup, members: list[Active], scores: torch.Tensor) -> None:
+        """One search step for every request of `group`, and its rows reordered to their parent beams: a
+        fixed number of tensor operations, however many requests (issue #23)."""
+        rows, count, beams = group.rows, len(members), group.beams
+        parents, _ = group.advance(scores[rows].view(count, beams, -1))
+        source = rows.view(count, beams).gather(1, parents).view(-1)
+        # Cached positions before this step's token, for the longest member; a shorter member's rows also
+        # take their parents' later positions, which no step reads before writing its own.
+        cached = max(member.length for member in group.members) - 1
+        self.decoder.copy_rows(rows, source, cached)
+        self.sequences[rows, :group.width] = group.running.reshape(count * beams, group.width)
+        if any(active.request.generation.repetition_penalty != 1.0 for active in members):
+            self.seen[rows] = self.seen[source]
+            new_tokens = group.running.gather(2, (group.cur - 1)[:, None, None].expand(count, beams, 1)).view(-1)
+            self.seen[rows, new_tokens] = True
+        self.lengths[rows] = group.cur.repeat_interleave(beams)
+
     def _finish(self, active: Active) -> None:
         tokens = active.search.output()
         generate_ms = (time.perf_counter() - active.started) * 1000 - active.preprocess_ms
@@ -357,6 +377,8 @@ class DecodeEngine(Florence2Engine):
 
     def _leave(self, active: Active, done) -> None:
         self.active.remove(active)
+        if isinstance(active.search, GroupedBeam):
+            active.search.group.leave(active.search)
         self.free.extend(active.rows)
         self.beam_rows[active.rows] = False
         self.last_decoding_steps = active.steps
