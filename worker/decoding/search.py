@@ -42,6 +42,7 @@ class BeamGroup:
     of each tensor; its running beams' tokens are `running[r, :, :length]`. Where transformers keeps every
     beam's history of parent indices, only two things of it are ever read: this step's parents (to reorder
     the cache) and, for a finished beam, how many tokens it generated; so those are what is kept.
+    Requests join (`join`) and leave (`leave`) between steps.
 
     Every number is computed as the one-request search computes it, element by element (the divisors from
     the same Python floats), and a request's finished beams change only in steps where one of its own beams
@@ -87,7 +88,7 @@ class BeamGroup:
         self.cur = torch.cat((self.cur, torch.ones((1,), dtype=torch.long, device=device)))
         self.max_lengths = torch.cat((self.max_lengths, torch.tensor([max_length], device=device)))
         self.rows = torch.cat((self.rows, rows))
-        member = GroupedBeam(self, len(self.members), max_length)
+        member = GroupedBeam(self, len(self.members))
         self.members.append(member)
         return member
 
@@ -174,14 +175,10 @@ class BeamGroup:
 class GroupedBeam:
     """One request's place in its BeamGroup: what the engine reads of its search."""
 
-    def __init__(self, group: BeamGroup, slot: int, max_length: int):
-        self.group, self.slot, self.max_length = group, slot, max_length
+    def __init__(self, group: BeamGroup, slot: int):
+        self.group, self.slot = group, slot
         self.beams = group.beams
         self.length = 1
-
-    @property
-    def running(self) -> torch.Tensor:
-        return self.group.running[self.slot]
 
     def output(self) -> list[int]:
         group = self.group
