@@ -81,6 +81,13 @@ class Cluster:
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--save", "",
                  "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.clients = [redis.Redis(port=port) for port in self.ports]
+        try:
+            self._form(nodes)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _form(self, nodes: int) -> None:
         self._wait(lambda: all(client.ping() for client in self.clients))
         share = SLOTS // nodes
         self.ranges = []
