@@ -180,45 +180,31 @@ def test_a_full_redis_refuses_new_jobs_and_still_finishes_every_accepted_one(val
 
 class _SlowToCloseService(pb_grpc.Florence2ServiceServicer):
     """Watch sends a job's terminal event, then takes `close_after_s` to end the stream (a busy front
-    end's event loop), and records whether the client cancelled the stream in between."""
+    end), and records whether the client cancelled the stream in between. A blocking grpc server in
+    this process: no second event loop beside the clients' own."""
 
     def __init__(self, close_after_s: float):
         self.close_after_s = close_after_s
         self.outcomes: list[str] = []
 
-    async def Watch(self, request, context):
+    def Watch(self, request, context):
         yield pb.WatchResponse(event=pb.JobEvent(job_id=request.job_id, event_id="1-0", type=pb.EVENT_TYPE_DONE,
                                                  state=pb.JOB_STATE_SUCCEEDED))
-        try:
-            await asyncio.sleep(self.close_after_s)
-            self.outcomes.append("closed by the server")
-        except asyncio.CancelledError:
-            self.outcomes.append("cancelled by the client")
-            raise
+        time.sleep(self.close_after_s)
+        self.outcomes.append("closed by the server" if context.is_active() else "cancelled by the client")
 
 
 @pytest.fixture
 def slow_to_close_server():
+    from concurrent.futures import ThreadPoolExecutor
+
     service = _SlowToCloseService(close_after_s=0.3)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder = {}
-
-    async def serve():
-        server = grpc.aio.server()
-        pb_grpc.add_Florence2ServiceServicer_to_server(service, server)
-        holder["port"] = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        holder["server"] = server
-        started.set()
-        await server.wait_for_termination()
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(10)
-    yield service, f"127.0.0.1:{holder['port']}"
-    asyncio.run_coroutine_threadsafe(holder["server"].stop(None), loop).result(10)
-    thread.join(10)
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_Florence2ServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield service, f"127.0.0.1:{port}"
+    server.stop(None)
 
 
 def test_clients_let_the_server_close_a_finished_stream(slow_to_close_server):
