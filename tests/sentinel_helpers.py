@@ -21,6 +21,20 @@ def _binary() -> str:
     return str(get_binary_path())
 
 
+def wait_for_redis(predicate, what: str, timeout: float = 30):
+    """predicate()'s first true value, polling; a Redis that is not (yet) answering counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 class SentinelSet:
     def __init__(self, folder: Path, down_after_ms: int = 1000, failover_timeout_ms: int = 3000):
         self.folder = folder
@@ -101,15 +115,7 @@ class SentinelSet:
 
     @staticmethod
     def _wait(predicate, what: str, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                if predicate():
-                    return
-            except (redis.RedisError, OSError):
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}")
+        wait_for_redis(predicate, what, timeout)
 
     def stop(self) -> None:
         for process in self.processes.values():

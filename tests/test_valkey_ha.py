@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import yaml
 
 from conftest import REPO
 from florence2_serve.common.redis_url import connect
+from sentinel_helpers import wait_for_redis
 
 MANIFEST = REPO / "deploy" / "kubernetes" / "sentinel" / "valkey-ha.yaml"
 HOSTS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -63,19 +63,6 @@ def _free_port() -> int:
             return port
         except OSError:
             continue
-
-
-def _wait(predicate, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except (redis.RedisError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Pods:
@@ -155,11 +142,11 @@ def test_the_sentinel_components_script_elects_fails_over_and_rejoins_as_a_repli
         pods.start(index, "sentinel")
     # A new set: no sentinel knew a primary, so every pod agreed on the first.
     for index in (1, 2):
-        _wait(lambda i=index: pods.server(i).info("replication").get("master_link_status") == "up",
+        wait_for_redis(lambda i=index: pods.server(i).info("replication").get("master_link_status") == "up",
               f"pod {index} in sync with pod 0")
     for index in range(3):
-        _wait(lambda i=index: pods.named_primary(i) == HOSTS[0], f"sentinel {index} naming pod 0")
-        _wait(lambda i=index: pods.sentinel(i).execute_command("SENTINEL", "SENTINELS", "mymaster").__len__() == 2,
+        wait_for_redis(lambda i=index: pods.named_primary(i) == HOSTS[0], f"sentinel {index} naming pod 0")
+        wait_for_redis(lambda i=index: pods.sentinel(i).execute_command("SENTINEL", "SENTINELS", "mymaster").__len__() == 2,
               f"sentinel {index} knowing the two others")
     assert "starts as primary" in pods.log(0, "server")
     assert f"starts as replica of {HOSTS[0]}" in pods.log(1, "server")
@@ -170,13 +157,13 @@ def test_the_sentinel_components_script_elects_fails_over_and_rejoins_as_a_repli
     assert client.execute_command("WAIT", 2, 1000) == 2
 
     pods.kill(0, "server")
-    promoted = _wait(lambda: pods.named_primary(1) if pods.named_primary(1) != HOSTS[0] else None, "a failover")
+    promoted = wait_for_redis(lambda: pods.named_primary(1) if pods.named_primary(1) != HOSTS[0] else None, "a failover")
     assert promoted in HOSTS[1:]
-    _wait(lambda: connect(url, socket_timeout=2).get("queued-job") == b"kept", "the client on the new primary")
+    wait_for_redis(lambda: connect(url, socket_timeout=2).get("queued-job") == b"kept", "the client on the new primary")
 
     # The old primary's pod restarts: the sentinels name the new primary, so it rejoins as its replica.
     pods.start(0, "server")
-    _wait(lambda: pods.server(0).info("replication").get("master_link_status") == "up", "pod 0 replicating")
+    wait_for_redis(lambda: pods.server(0).info("replication").get("master_link_status") == "up", "pod 0 replicating")
     replication = pods.server(0).info("replication")
     assert replication["role"] == "slave" and replication["master_host"] == promoted
     assert f"starts as replica of {promoted}" in pods.log(0, "server")
@@ -187,5 +174,5 @@ def test_the_sentinel_components_script_elects_fails_over_and_rejoins_as_a_repli
     for leftover in (pods.folder / "pod-1" / "sentinel").iterdir():
         leftover.unlink()
     pods.start(1, "sentinel")
-    _wait(lambda: pods.named_primary(1) == promoted, "the restarted sentinel naming the new primary")
+    wait_for_redis(lambda: pods.named_primary(1) == promoted, "the restarted sentinel naming the new primary")
     assert f"monitors {promoted}" in pods.log(1, "sentinel")
