@@ -60,7 +60,8 @@ class BeamGroup:
         self.is_finished = torch.zeros((0, beams), dtype=torch.bool, device=device)
         self.improvable = torch.zeros((0,), dtype=torch.bool, device=device)
         self.done = torch.zeros((0,), dtype=torch.bool, device=device)  # the last step's, per member
-        self.cur = torch.zeros((0,), dtype=torch.long, device=device)  # each member's length
+        # Each member's length on the device; GroupedBeam.length is the same on the host, for the engine.
+        self.cur = torch.zeros((0,), dtype=torch.long, device=device)
         self.max_lengths = torch.zeros((0,), dtype=torch.long, device=device)
         self.rows = torch.zeros((0,), dtype=torch.long, device=device)  # the members' cache rows, in order
         self.far = torch.tensor(FAR, device=device)
