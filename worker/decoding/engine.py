@@ -26,9 +26,10 @@ from florence2_serve.common.tasks import Task
 
 from ..engine import Florence2Engine
 from ..inference import InferenceOutcome, InferenceRequest
-from .logits import Specials, process
+from .logits import Specials
 from .search import BeamGroup, GreedySearch, GroupedBeam
 from .static_decoder import StaticDecoder
+from .stepping import Stepping
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ class Active:
     request: InferenceRequest
     outcome: InferenceOutcome
     rows: list[int]
-    row_index: torch.Tensor
     source_length: int
     search: GreedySearch | GroupedBeam
     started: float
@@ -55,7 +55,7 @@ class DecodeOptions:
     image_cache: int = IMAGE_CACHE_SIZE
 
 
-class DecodeEngine(Florence2Engine):
+class DecodeEngine(Stepping, Florence2Engine):
     """A Florence2Engine whose batches decode with iteration-level batching (run_batch or serve)."""
 
     continuous = True
@@ -185,10 +185,9 @@ class DecodeEngine(Florence2Engine):
             source_length = int(masks[index].nonzero().max()) + 1  # through the last real token, whichever side pads
             self._load_rows(rows, request, states[index:index + 1, :source_length], masks[index:index + 1, :source_length])
             max_length = 1 + request.generation.max_new_tokens
-            row_index = torch.tensor(rows, device=self.decoder.device)
-            search = (self._beam_group(beams).join(max_length, row_index) if beams > 1
+            search = (self._beam_group(beams).join(max_length, rows) if beams > 1
                       else GreedySearch(max_length, self.specials))
-            self.active.append(Active(request, outcome, rows, row_index, source_length, search, started,
+            self.active.append(Active(request, outcome, rows, source_length, search, started,
                                       preprocess_ms))
 
     def _beam_group(self, beams: int) -> BeamGroup:
@@ -280,90 +279,6 @@ class DecodeEngine(Florence2Engine):
         self.seen[index] = False
         self.seen[index, self.specials.start] = True
         self.beam_rows[index] = count > 1
-
-    # -- stepping -----------------------------------------------------------------------------------
-
-    def _step(self, done) -> None:
-        stopped = [a for a in self.active if a.request.should_stop and a.request.should_stop()]
-        for active in stopped:
-            active.outcome.cancelled = True
-            self._leave(active, done)
-        if not self.active:
-            return
-        device = self.decoder.device
-        if self.static_shapes:  # every row, the whole cache
-            count, span, source_span = self.capacity, None, None
-        else:
-            count = max(max(active.rows) for active in self.active) + 1
-            span = max(active.search.length for active in self.active)
-            source_span = max(active.source_length for active in self.active)
-        tokens = self.sequences[:count].gather(1, (self.lengths[:count] - 1)[:, None])[:, 0]
-        positions = self.lengths[:count] - 1
-        with torch.inference_mode():
-            logits = self.step_fn(tokens, positions, span, source_span)
-            active = self.active
-            if any(a.search.beams > 1 for a in active):
-                scores = torch.where(self.beam_rows[:count, None], torch.log_softmax(logits, dim=-1), logits)
-            else:
-                scores = logits
-            seen = self.seen[:count] if any(a.request.generation.repetition_penalty != 1.0 for a in active) else None
-            owing = any(a.search.length - 1 < a.request.generation.min_new_tokens for a in active)
-            scores = process(scores, self.sequences[:count], self.lengths[:count], seen, self.penalty[:count],
-                             self.min_new[:count] if owing else None, self.max_length[:count], self.specials,
-                             bos_due=any(a.search.length == 1 for a in active),
-                             eos_due=any(a.search.length == a.request.generation.max_new_tokens for a in active))
-            greedy_choice = scores.argmax(dim=-1)
-        chosen = greedy_choice.tolist() if any(a.search.beams == 1 for a in self.active) else []
-        finished = []
-        new_tokens, new_rows = [], []
-        of_search = {id(active.search): active for active in self.active}
-        for active in self.active:
-            active.steps += 1
-            if isinstance(active.search, GreedySearch):
-                row = active.rows[0]
-                new_rows.append(row)
-                new_tokens.append(chosen[row])
-                if active.search.advance(chosen[row]):
-                    finished.append(active)
-        beam_members: list[Active] = []
-        done_flags = []
-        for group in self.beam_groups.values():
-            if group.members:
-                members = [of_search[id(member)] for member in group.members]
-                self._step_beams(group, members, scores)
-                beam_members += members
-                done_flags.append(group.done)
-        if beam_members:
-            for active, is_done in zip(beam_members, torch.cat(done_flags).tolist()):
-                if is_done:
-                    finished.append(active)
-        if new_rows:
-            index = torch.tensor(new_rows, device=device)
-            token_tensor = torch.tensor(new_tokens, device=device)
-            self.sequences[index, self.lengths[index]] = token_tensor
-            if seen is not None:
-                self.seen[index, token_tensor] = True
-            self.lengths[index] += 1
-        for active in finished:
-            self._finish(active)
-            self._leave(active, done)
-
-    def _step_beams(self, group: BeamGroup, members: list[Active], scores: torch.Tensor) -> None:
-        """One search step for every request of `group`, and its rows reordered to their parent beams: a
-        fixed number of tensor operations, however many requests (issue #23)."""
-        rows, count, beams = group.rows, len(members), group.beams
-        parents, _ = group.advance(scores[rows].view(count, beams, -1))
-        source = rows.view(count, beams).gather(1, parents).view(-1)
-        # Cached positions before this step's token, for the longest member; a shorter member's rows also
-        # take their parents' later positions, which no step reads before writing its own.
-        cached = max(member.length for member in group.members) - 1
-        self.decoder.copy_rows(rows, source, cached)
-        self.sequences[rows, :group.width] = group.running.reshape(count * beams, group.width)
-        if any(active.request.generation.repetition_penalty != 1.0 for active in members):
-            self.seen[rows] = self.seen[source]
-            new_tokens = group.running.gather(2, (group.cur - 1)[:, None, None].expand(count, beams, 1)).view(-1)
-            self.seen[rows, new_tokens] = True
-        self.lengths[rows] = group.cur.repeat_interleave(beams)
 
     def _finish(self, active: Active) -> None:
         tokens = active.search.output()

@@ -64,9 +64,11 @@ class BeamGroup:
         self.cur = torch.zeros((0,), dtype=torch.long, device=device)
         self.max_lengths = torch.zeros((0,), dtype=torch.long, device=device)
         self.rows = torch.zeros((0,), dtype=torch.long, device=device)  # the members' cache rows, in order
+        self.row_list: list[int] = []  # the same on the host
+        self.row_range: tuple[int, int] | None = None  # (first, end) when the rows are one ascending run
         self.far = torch.tensor(FAR, device=device)
 
-    def join(self, max_length: int, rows: torch.Tensor) -> "GroupedBeam":
+    def join(self, max_length: int, rows: list[int]) -> "GroupedBeam":
         """A new request, decoding on cache rows `rows` (one per beam)."""
         specials, beams, device = self.specials, self.beams, self.device
         if max_length > self.width:
@@ -88,7 +90,7 @@ class BeamGroup:
         self.improvable = torch.cat((self.improvable, torch.ones((1,), dtype=torch.bool, device=device)))
         self.cur = torch.cat((self.cur, torch.ones((1,), dtype=torch.long, device=device)))
         self.max_lengths = torch.cat((self.max_lengths, torch.tensor([max_length], device=device)))
-        self.rows = torch.cat((self.rows, rows))
+        self._set_rows(self.row_list + list(rows))
         member = GroupedBeam(self, len(self.members))
         self.members.append(member)
         return member
@@ -99,10 +101,17 @@ class BeamGroup:
         for name in ("running", "running_scores", "finished", "finished_scores", "finished_lengths", "is_finished",
                      "improvable", "cur", "max_lengths"):
             setattr(self, name, getattr(self, name).index_select(0, index))
-        self.rows = self.rows.view(len(self.members), self.beams).index_select(0, index).view(-1)
+        beams = self.beams
+        self._set_rows([row for slot in keep for row in self.row_list[slot * beams:(slot + 1) * beams]])
         self.members = [m for m in self.members if m is not member]
         for slot, m in enumerate(self.members):
             m.slot = slot
+
+    def _set_rows(self, rows: list[int]) -> None:
+        self.row_list = rows
+        self.rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        contiguous = bool(rows) and rows == list(range(rows[0], rows[0] + len(rows)))
+        self.row_range = (rows[0], rows[0] + len(rows)) if contiguous else None
 
     def advance(self, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log_probs [members, beams, vocab], already processed, members in `self.members` order. Returns
