@@ -284,3 +284,21 @@ def test_a_failed_compilation_falls_back_to_the_eager_step(tiny_loaded):
     outcome = fast.run_batch([InferenceRequest(lesson_images()[0], Task.OD,
                                                generation=GenerationSettings(num_beams=1, max_new_tokens=8))])[0]
     assert outcome.error is None and outcome.result.generated_tokens > 0
+
+
+def test_decode_steps_are_counted_once_per_step_and_exported(engines):
+    """Two requests decoding side by side share their steps: 12 forced tokens take 12 steps, not 24; the
+    worker exports the engine's count as florence2_decode_steps_total."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from florence2_serve.worker.metrics import DecodeSteps
+
+    _, fast = engines
+    settings = GenerationSettings(num_beams=1, max_new_tokens=12, min_new_tokens=12)
+    before = fast.steps_run
+    outcomes = fast.run_batch([InferenceRequest(image, Task.OD, generation=settings) for image in lesson_images()[:2]])
+    assert [o.result.generated_tokens for o in outcomes] == [12, 12]
+    assert fast.steps_run - before == 12
+    registry = CollectorRegistry()
+    registry.register(DecodeSteps("tiny", fast))
+    assert f'florence2_decode_steps_total{{model="tiny"}} {float(fast.steps_run)}' in generate_latest(registry).decode()

@@ -6,7 +6,8 @@ holds (model kind, dtype, attention, load time, GPU memory). Listed in README's 
 
 from __future__ import annotations
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import REGISTRY, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 from florence2_serve.common import metrics as shared
 
@@ -38,6 +39,24 @@ def describe_worker(model: str, worker_id: str, loaded, engine: str) -> None:
 
         GPU_MEMORY.labels(model, "allocated").set_function(lambda: torch.cuda.memory_allocated(device))
         GPU_MEMORY.labels(model, "reserved").set_function(lambda: torch.cuda.memory_reserved(device))
+
+
+class DecodeSteps:
+    """`florence2_decode_steps_total`: the decode engine's steps, read from its own counter at scrape time (a
+    step pays nothing for it). Jobs per second over steps per second is how many requests a step carried."""
+
+    def __init__(self, model: str, engine):
+        self.model, self.engine = model, engine
+
+    def collect(self):
+        family = CounterMetricFamily("florence2_decode_steps", "Decoding steps the decode engine ran (one step "
+                                     "advances every request decoding at that moment)", labels=["model"])
+        family.add_metric([self.model], self.engine.steps_run)
+        yield family
+
+
+def count_decode_steps(model: str, engine) -> None:
+    REGISTRY.register(DecodeSteps(model, engine))
 
 
 def job_ended(model: str, task: str, state: str, reason: str = "") -> None:

@@ -113,10 +113,12 @@ def _exit_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _serve_metrics(settings: WorkerSettings, loaded, engine_name: str) -> bool:
+def _serve_metrics(settings: WorkerSettings, loaded, engine) -> bool:
     from . import metrics
 
-    metrics.describe_worker(settings.model_name, settings.worker_id, loaded, engine_name)
+    metrics.describe_worker(settings.model_name, settings.worker_id, loaded, engine_name(engine))
+    if hasattr(engine, "steps_run"):
+        metrics.count_decode_steps(settings.model_name, engine)
     if not settings.metrics_port:
         return True
     from prometheus_client import start_http_server
@@ -174,7 +176,7 @@ def run_worker(settings: WorkerSettings) -> int:
             log.exception("compiling the decode step failed; decoding without compiling")
             engine.use_eager()
     engine, engine_note = _checked_engine(engine, loaded, settings)
-    if not _serve_metrics(settings, loaded, engine_name(engine)):
+    if not _serve_metrics(settings, loaded, engine):
         return 4
     # Images in flight: the batch running, the next one decoded beside it, and a few spare.
     reuse_image_memory(2 * settings.batch_size + 4)

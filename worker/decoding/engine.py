@@ -93,6 +93,7 @@ class DecodeEngine(Stepping, Florence2Engine):
         self.beam_groups: dict[int, BeamGroup] = {}  # by beam width: their searches step together
         self.images: OrderedDict = OrderedDict()
         self.image_encodings = 0
+        self.steps_run = 0
         self.step_fn = self.decoder
         if self.static_shapes:
             self.step_fn = torch.compile(self.decoder, mode="reduce-overhead", dynamic=False, fullgraph=True)
@@ -138,6 +139,7 @@ class DecodeEngine(Stepping, Florence2Engine):
                 continue
             try:
                 self._step(done)
+                self.steps_run += 1
             except Exception:  # noqa: BLE001 - a failed step fails the jobs in it, never the worker
                 log.exception("decoding step failed; failing its %d jobs", len(self.active))
                 for active in list(self.active):

