@@ -2,24 +2,20 @@
 
   python bench/bench_gil.py [--clients 16] [--seconds 12] [--beams 1] [--new-tokens 32] [--batch-size 8]
 
-Starts valkey, `florence2 serve` and one `florence2 worker` (tiny model, decode engine, torch on 1 thread),
-drives it from --clients concurrent asyncio clients (distinct image bytes per request, so no request gets
-another's vision encoding from the cache), and samples the worker with py-spy three times over the same
-steady load, --seconds each:
+Starts valkey, `florence2 serve` and one worker (tiny model, decode engine, torch on 1 thread; run through
+bench/probe_worker.py, which times the model thread's steps), drives it from --clients concurrent asyncio
+clients (distinct image bytes per request, so no request gets another's vision encoding from the cache) and
+measures three windows of --seconds over the same steady load:
 
-  all     every sample of the model thread (`--idle`): where its wall time goes
-  active  only samples where the thread was running or runnable (not sleeping)
-  gil     only samples where the thread held the GIL
-
-The model thread's samples are sorted by what it was doing: a decoding step, admitting (encoding) joining
-requests, post-processing a finished one, handing over outcomes, or waiting for work. Per decoding step
-(the worker's florence2_decode_steps_total over each run):
-
-  wall    ms of model-thread time per step in that activity
-  asleep  wall - active: asleep inside that activity. A torch op on CPU with one thread never sleeps, so
-          asleep inside a step is time spent waiting for the GIL, which another thread of the worker holds.
-  gil     ms holding the GIL: the step's Python work
-Prints Markdown and writes bench/out/gil.json. Sampling differences between the runs are noise of a few %.
+  probe   per decoding step on the model thread: wall time, the thread's CPU time, and the rest, off a CPU
+          inside the step, with its voluntary context switches (asleep: waiting for the GIL, since a CPU
+          torch op on one thread never sleeps otherwise) and involuntary ones (preempted: cores busy).
+          The same for admitting joining requests (their encoding), per step.
+  all     py-spy samples of the model thread (`--idle`): its wall time by activity (a decoding step,
+          admitting requests, post-processing a finished one, handing over outcomes, waiting for work)
+  gil     py-spy samples holding the GIL (`--gil`): each activity's Python work
+Per step means divided by the worker's florence2_decode_steps_total over the window. Prints Markdown and
+writes bench/out/gil[-LABEL].json.
 """
 
 from __future__ import annotations
@@ -142,12 +138,14 @@ def main() -> None:
     valkey.start()
     metrics_port = _free_port()
     env = dict(os.environ, REDIS_URL=valkey.connection_url, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    exe = [sys.executable, "-m", "florence2_serve.client.cli"]
-    front = start([*exe, "serve", "--address", "127.0.0.1:0"], env, OUT / "gil-front.log")
-    worker = start([*exe, "worker", "--model", f"tiny={model_dir}", "--device", "cpu", "--worker-id", "gil",
+    front = start([sys.executable, "-m", "florence2_serve.client.cli", "serve", "--address", "127.0.0.1:0"], env,
+                  OUT / "gil-front.log")
+    probe = OUT / "gil-probe.json"
+    worker = start([sys.executable, str(Path(__file__).resolve().parent / "probe_worker.py"), str(probe),
+                    "--model", f"tiny={model_dir}", "--device", "cpu", "--worker-id", "gil",
                     "--batch-size", str(args.batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
                     "--metrics-port", str(metrics_port), *args.worker_arg], env, OUT / "gil-worker.log")
-    runs = {}
+    windows = {}
     load = None
     try:
         address = f"127.0.0.1:{wait_for_port(OUT / 'gil-front.log', front)}"
@@ -155,47 +153,73 @@ def main() -> None:
         load = Load(address, buffer.getvalue(), settings, args.clients)
         load.thread.start()
         time.sleep(4)  # warm-up: caches grown, batches full
-        for mode, flags in (("all", ["--idle"]), ("active", []), ("gil", ["--gil"])):
+        for mode, flags in (("probe", None), ("all", ["--idle"]), ("gil", ["--gil"])):
             raw = OUT / f"gil-{mode}.raw"
-            before, started = scrape(metrics_port), time.perf_counter()
-            subprocess.run([spy, "record", "-p", str(worker.pid), "-o", str(raw), "-f", "raw", "-r", str(args.rate),
-                            "--nonblocking", "--threads", "-d", str(int(args.seconds)), *flags],
-                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            elapsed, after = time.perf_counter() - started, scrape(metrics_port)
-            runs[mode] = {"samples": model_thread_samples(raw), "seconds": elapsed,
-                          "steps": after["florence2_decode_steps_total"] - before["florence2_decode_steps_total"],
-                          "jobs": after["florence2_jobs_ended_total"] - before["florence2_jobs_ended_total"]}
+            before, timed_before, started = scrape(metrics_port), json.loads(probe.read_text()), time.perf_counter()
+            if flags is None:
+                time.sleep(args.seconds)
+            else:
+                subprocess.run([spy, "record", "-p", str(worker.pid), "-o", str(raw), "-f", "raw", "-r",
+                                str(args.rate), "--nonblocking", "--threads", "-d", str(int(args.seconds)), *flags],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.6)  # the probe's next write covers the window
+            elapsed, after, timed_after = time.perf_counter() - started, scrape(metrics_port), json.loads(probe.read_text())
+            windows[mode] = {"seconds": elapsed,
+                             "steps": after["florence2_decode_steps_total"] - before["florence2_decode_steps_total"],
+                             "jobs": after["florence2_jobs_ended_total"] - before["florence2_jobs_ended_total"],
+                             "timed": {name: {key: timed_after[name][key] - timed_before[name][key]
+                                              for key in timed_after[name]} for name in timed_after}}
+            if flags is not None:
+                windows[mode]["samples"] = model_thread_samples(raw)
     finally:
         if load is not None:
             load.running = False
         stop(worker)
         stop(front)
         valkey.stop()
-    # The `all` run samples the model thread at every tick: its total gives py-spy's effective rate.
-    rate = sum(runs["all"]["samples"].values()) / args.seconds
-    per_step = {}
-    for mode, run in runs.items():
-        per_step[mode] = {name: 1000 * count / rate / max(1, run["steps"]) for name, count in run["samples"].items()}
-    names = sorted(per_step["all"], key=lambda n: -per_step["all"][n])
-    table = {name: {"wall": per_step["all"].get(name, 0.0),
-                    "asleep": per_step["all"].get(name, 0.0) - per_step["active"].get(name, 0.0),
-                    "gil": per_step["gil"].get(name, 0.0)} for name in names}
-    jobs_per_s = [run["jobs"] / run["seconds"] for run in runs.values()]
-    jobs_per_step = [run["jobs"] * args.new_tokens / max(1, run["steps"]) for run in runs.values()]
-    steps_per_s = [run["steps"] / run["seconds"] for run in runs.values()]
-    report = {"meta": {"python": platform.python_version(), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
-                       "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "effective_rate": rate,
-                       "requests_failed": load.failed if load else 0},
-              "runs": runs, "ms_per_step": table, "jobs_per_s": jobs_per_s, "requests_per_step": jobs_per_step}
+    report = summarize(windows, args)
+    report["meta"]["requests_failed"] = load.failed if load else 0
     (OUT / f"gil{'-' + args.label if args.label else ''}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report["meta"]))
-    print("\njobs/s in the three runs: " + ", ".join(f"{r:.1f}" for r in jobs_per_s)
-          + "; requests per step: " + ", ".join(f"{r:.2f}" for r in jobs_per_step)
-          + "; steps/s: " + ", ".join(f"{r:.0f}" for r in steps_per_s))
-    print("\n| model thread, per step | wall ms | asleep ms (GIL wait) | holding the GIL ms |")
-    print("|---|---|---|---|")
-    for name, row in table.items():
-        print(f"| {name} | {row['wall']:.3f} | {row['asleep']:.3f} | {row['gil']:.3f} |")
+    print_report(report)
+
+
+def summarize(windows: dict, args) -> dict:
+    probe = windows["probe"]
+    steps = max(1, probe["steps"])
+    timed = {}
+    for name, total in probe["timed"].items():
+        timed[name] = {"wall_ms": 1000 * total["wall_s"] / steps, "cpu_ms": 1000 * total["cpu_s"] / steps,
+                       "off_cpu_ms": 1000 * (total["wall_s"] - total["cpu_s"]) / steps,
+                       "voluntary_switches": total["voluntary"] / steps,
+                       "involuntary_switches": total["involuntary"] / steps}
+    # The `all` run samples the model thread at every tick: its total gives py-spy's effective rate.
+    rate = sum(windows["all"]["samples"].values()) / args.seconds
+    activities = {}
+    for name in sorted(windows["all"]["samples"], key=lambda n: -windows["all"]["samples"][n]):
+        activities[name] = {mode: 1000 * windows[mode]["samples"].get(name, 0) / rate / max(1, windows[mode]["steps"])
+                            for mode in ("all", "gil")}
+    return {"meta": {"python": platform.python_version(), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
+                     "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "py_spy_rate": rate},
+            "jobs_per_s": {mode: w["jobs"] / w["seconds"] for mode, w in windows.items()},
+            "steps_per_s": {mode: w["steps"] / w["seconds"] for mode, w in windows.items()},
+            "requests_per_step": {mode: w["jobs"] * args.new_tokens / max(1, w["steps"]) for mode, w in windows.items()},
+            "per_step": timed, "activities_ms_per_step": activities, "windows": windows}
+
+
+def print_report(report: dict) -> None:
+    print("\njobs/s (probe, all, gil windows): " + ", ".join(f"{v:.1f}" for v in report["jobs_per_s"].values())
+          + "; steps/s: " + ", ".join(f"{v:.0f}" for v in report["steps_per_s"].values())
+          + "; requests per step: " + ", ".join(f"{v:.2f}" for v in report["requests_per_step"].values()))
+    print("\n| model thread, per step | wall ms | CPU ms | off CPU ms | voluntary switches | involuntary |")
+    print("|---|---|---|---|---|---|")
+    for name, row in report["per_step"].items():
+        print(f"| {name} | {row['wall_ms']:.3f} | {row['cpu_ms']:.3f} | {row['off_cpu_ms']:.3f} | "
+              f"{row['voluntary_switches']:.2f} | {row['involuntary_switches']:.2f} |")
+    print("\n| activity (py-spy), per step | wall ms | holding the GIL ms |")
+    print("|---|---|---|")
+    for name, row in report["activities_ms_per_step"].items():
+        print(f"| {name} | {row['all']:.3f} | {row['gil']:.3f} |")
 
 
 def _free_port() -> int:

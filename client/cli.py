@@ -162,9 +162,13 @@ def convert(source: str, destination: str, revision: str | None, overwrite: bool
 @click.option("--canary/--no-canary", default=None,
               help="Before registering, run one small request through the decode engine and through transformers' "
                    "generate (greedy and 3 beams) and serve with generate if their tokens differ (default on).")
+@click.option("--image-workers", type=int, default=None,
+              help="Decode engine: processes that decode images and make their pixels when a job is taken, off the "
+                   "model's thread (env FLORENCE2_WORKER_IMAGE_WORKERS; 0: the fetcher thread does it; default 1 on a "
+                   "CUDA device, 0 on CPU).")
 def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_wait_ms, worker_id,
            job_heartbeat_ttl_s, silent_worker_limit_s, maintenance_interval_s, exit_with_parent, metrics_port, metrics_host, convert_cache,
-           engine, compile_step, image_backend, canary):
+           engine, compile_step, image_backend, canary, image_workers):
     """A GPU/CPU worker: holds one model, pulls its jobs in batches, streams results.
 
     SIGTERM/SIGINT: finish the jobs in hand and exit; a second one: stop now, requeue them.
@@ -179,7 +183,7 @@ def worker(model, redis_url, device, dtype, attention, kind, batch_size, batch_w
             maintenance_interval_s=maintenance_interval_s,
             exit_with_parent=exit_with_parent, metrics_port=metrics_port, metrics_host=metrics_host,
             convert_cache=convert_cache, engine=engine, compile=compile_step, image_backend=image_backend,
-            canary=canary)
+            canary=canary, image_workers=image_workers)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     from florence2_serve.worker.service import run_worker

@@ -46,7 +46,7 @@ def test_a_held_job_is_freed_without_the_garbage_collector(tiny_png):
 
     record = layout.JobRecord(job_id="j", model="m", task="<OD>")
     held = Held(TakenJob("rq:queue:florence2:m", "j", "x1", record, tiny_png), taken_at=time.time())
-    assert BatchWorker._prepare(SimpleNamespace(_now=threading.Event()), held) is None
+    assert BatchWorker._prepare(SimpleNamespace(_now=threading.Event()), held, None) is None
     assert held.request.should_stop() is False
     held.cancel.set()
     assert held.request.should_stop() is True

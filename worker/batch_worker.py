@@ -53,6 +53,7 @@ from .continuous import ContinuousModelLoop
 from .finisher import FinishingLoop
 from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
 from .jobs import requeued_after_loss as lost_jobs_requeued
+from .pixels import PixelPreparer, PreparationFailed, Prepared, image_workers
 from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, StopCheck
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .reporting import report_closed
@@ -87,6 +88,9 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         self._generate_calls_written = 0
         self._executions = itertools.count(1)
         self._execution_prefix = uuid.uuid4().hex[:12]
+        # Engines that take pixels get them made when their job is taken, never on the model thread.
+        processor = getattr(engine, "pixel_processor", None)
+        self.pixels = PixelPreparer(processor, image_workers(settings, engine)) if processor is not None else None
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -123,6 +127,8 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
             threads[2].join()
             self.presence.stop()
             self.presence.unregister()
+            if self.pixels is not None:
+                self.pixels.close()
 
     def stop(self, now: bool = False) -> None:
         """Stop taking jobs: the running batch finishes, jobs not started yet go back to the front of
@@ -240,20 +246,20 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         once if they cannot run."""
         self._worked_since_idle = True
         taken_at = time.time()
+        helds = [Held(job, taken_at=taken_at) for job in taken]
+        with self._lock:  # heartbeated (and cancellable) from now on, while their images are prepared
+            for held in helds:
+                self._held[held.job.job_id] = held
+        images = self.pixels.prepare([job.image for job in taken]) if self.pixels else [None] * len(taken)
         ready: list[Held] = []
         not_run: list[Finished] = []
-        for job in taken:
-            held = Held(job, taken_at=taken_at)
-            error = self._prepare(held)
+        for held, image in zip(helds, images):
+            error = self._prepare(held, image)
             if error is None:
                 ready.append(held)
             else:
-                not_run.append(Finished(job, "failed", JobState.FAILED.value, error, started_at=taken_at))
+                not_run.append(Finished(held.job, "failed", JobState.FAILED.value, error, started_at=taken_at))
         with self._ready_changed:
-            for held in ready:
-                self._held[held.job.job_id] = held
-            for item in not_run:
-                self._held[item.job.job_id] = Held(item.job, taken_at=taken_at)
             accepting = self._accepting
             if accepting:
                 if front:
@@ -266,13 +272,22 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         if not accepting and ready:  # taken while stopping: straight back to the queue
             self._finishing.put(Requeue([held.job for held in ready]))
 
-    def _prepare(self, held: Held) -> JobError | None:
-        """Decode the job into an InferenceRequest on `held`, or say why it cannot run."""
+    def _prepare(self, held: Held, prepared: Prepared | ImageError | PreparationFailed | None) -> JobError | None:
+        """Decode the job into an InferenceRequest on `held` (its image `prepared` already, when the engine
+        takes pixels), or say why it cannot run."""
         job, record = held.job, held.job.record
+        pixels = None
         try:
-            image = decode_image(job.image)
+            if isinstance(prepared, (ImageError, PreparationFailed)):
+                raise prepared
+            if prepared is None:
+                image = decode_image(job.image)
+            else:
+                image, pixels = prepared.image, prepared.pixels
         except ImageError as exc:
             return JobError((Reason.IMAGE_TOO_LARGE if exc.too_large else Reason.IMAGE_UNREADABLE).value, str(exc))
+        except PreparationFailed as exc:
+            return JobError(Reason.INFERENCE_FAILED.value, f"{exc} (twice); the job is not retried")
         try:
             generation = GenerationSettings.from_options(record.generation)
             task = Task(record.task)
@@ -282,7 +297,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         held.request = InferenceRequest(
             image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
             generation=generation, request_id=job.job_id, image_key=hashlib.blake2b(job.image, digest_size=16).hexdigest(),
-            should_stop=held.stop, detection=dict(record.detection))
+            should_stop=held.stop, detection=dict(record.detection), pixels=pixels)
         return None
 
     # -- model ------------------------------------------------------------------------------------

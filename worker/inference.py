@@ -29,6 +29,9 @@ class InferenceRequest:
     image_key: str = ""
     # DETECT only: the detector's confidence / iou / max_detections for this image (unset: its defaults).
     detection: dict = field(default_factory=dict)
+    # The model's image processor's output for `image`, made before the request reached the model thread
+    # (worker/pixels.py); None: the engine runs the processor itself.
+    pixels: object = None
 
 
 @dataclass

@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 
 import redis
@@ -102,13 +101,10 @@ def publish_tokenizer(connection: redis.Redis, engine) -> str:
 def _exit_with_parent() -> None:
     """Linux: have the kernel send SIGTERM when our parent exits. The signal handler tells that from
     an ordinary SIGTERM by our parent having changed, and stops now (see run_worker)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    from .os_hooks import die_with_parent
 
     parent = os.getppid()
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -60,6 +60,10 @@ class WorkerSettings:
     image_backend: str = "auto"
     # Before registering, check the decode engine against generate on this device (worker/canary.py).
     canary: bool = True
+    # Decode engine: processes that decode images and make their pixels (0: the fetcher thread does it).
+    # None: one on a CUDA device (the cores are free, the worker's GIL is not), none on CPU, where a process
+    # cost more CPU than it saved on the 2-core benchmark machine (bench/RESULTS.md §6).
+    image_workers: int | None = None
 
     @classmethod
     def from_env(cls, model: str, environ=None, **overrides) -> "WorkerSettings":
@@ -74,6 +78,8 @@ class WorkerSettings:
             values["metrics_port"] = int(environ["FLORENCE2_WORKER_METRICS_PORT"])
         if environ.get("FLORENCE2_WORKER_METRICS_HOST"):
             values["metrics_host"] = environ["FLORENCE2_WORKER_METRICS_HOST"]
+        if environ.get("FLORENCE2_WORKER_IMAGE_WORKERS"):
+            values["image_workers"] = int(environ["FLORENCE2_WORKER_IMAGE_WORKERS"])
         if environ.get("FLORENCE2_CONVERT_CACHE"):
             values["convert_cache"] = environ["FLORENCE2_CONVERT_CACHE"]
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -94,6 +100,8 @@ class WorkerSettings:
         if not self.worker_id or any(c.isspace() or not c.isprintable() or not c.isascii() for c in self.worker_id):
             raise ValueError(f"worker id must be printable ASCII without spaces (it names the worker's Redis "
                              f"connections), got {self.worker_id!r}")
+        if self.image_workers is not None and not 0 <= self.image_workers <= 64:
+            raise ValueError(f"image workers must be between 0 and 64, got {self.image_workers}")
         if self.silent_worker_limit_s < 0:
             raise ValueError("silent worker limit must not be negative")
         if self.maintenance_interval_s <= 0:

@@ -224,9 +224,7 @@ class DecodeEngine(Stepping, Florence2Engine):
                 first_of.setdefault(key, i)
         missing = list(first_of.values())
         if missing:
-            pixels = self.loaded.processor.image_processor([requests[i].image for i in missing],
-                                                          return_tensors="pt")["pixel_values"]
-            pixels = pixels.to(self.decoder.device, self.loaded.dtype)
+            pixels = self._pixels([requests[i] for i in missing]).to(self.decoder.device, self.loaded.dtype)
             with torch.inference_mode():
                 computed = self.loaded.model.get_image_features(pixel_values=pixels).pooler_output
             self.image_encodings += len(missing)
@@ -241,6 +239,17 @@ class DecodeEngine(Stepping, Florence2Engine):
         while len(self.images) > self.options.image_cache:
             self.images.popitem(last=False)
         return features
+
+    @property
+    def pixel_processor(self):
+        """The image processor whose output a request may bring along as `pixels` (worker/pixels.py)."""
+        return self.loaded.processor.image_processor
+
+    def _pixels(self, requests: list[InferenceRequest]) -> torch.Tensor:
+        """Pixel values [n, 3, H, W]: those the requests bring, the processor's for the others."""
+        todo = [r for r in requests if r.pixels is None]
+        made = iter(self.pixel_processor([r.image for r in todo], return_tensors="pt")["pixel_values"] if todo else [])
+        return torch.stack([torch.as_tensor(r.pixels) if r.pixels is not None else next(made) for r in requests])
 
     def _reserve(self, rows_needed: int, length: int, source: int) -> None:
         """Grow the decoder and the per-row state so that `rows_needed` more rows are free."""

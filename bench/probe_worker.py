@@ -1,0 +1,66 @@
+"""`florence2 worker`, with its decode engine's model thread timed per step (bench/bench_gil.py runs it).
+
+  python bench/probe_worker.py OUT.json WORKER-ARGS...
+
+Every decoding step (`_step`) and every admission of joining requests (`_admit`) is timed on the model
+thread: wall time, the thread's own CPU time (CLOCK_THREAD_CPUTIME_ID) and its context switches (getrusage
+RUSAGE_THREAD). Wall minus CPU is time the thread was off a CPU inside that work: asleep waiting for the GIL
+(a voluntary switch: a CPU torch op on one thread never sleeps otherwise) or runnable but preempted (an
+involuntary switch: the machine's cores were busy). The totals are written to OUT.json every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import threading
+import time
+
+
+def main() -> None:
+    out, args = sys.argv[1], sys.argv[2:]
+    from florence2_serve.worker.decoding.engine import DecodeEngine
+
+    totals = {name: {"calls": 0, "wall_s": 0.0, "cpu_s": 0.0, "voluntary": 0, "involuntary": 0}
+              for name in ("step", "admit")}
+
+    def timed(name: str, function):
+        total = totals[name]
+
+        def wrapper(*a, **k):
+            usage = resource.getrusage(resource.RUSAGE_THREAD)
+            started, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return function(*a, **k)
+            finally:
+                cpu, wall = time.thread_time() - cpu, time.perf_counter() - started
+                after = resource.getrusage(resource.RUSAGE_THREAD)
+                total["calls"] += 1
+                total["wall_s"] += wall
+                total["cpu_s"] += cpu
+                total["voluntary"] += after.ru_nvcsw - usage.ru_nvcsw
+                total["involuntary"] += after.ru_nivcsw - usage.ru_nivcsw
+        return wrapper
+
+    DecodeEngine._step = timed("step", DecodeEngine._step)
+    DecodeEngine._admit = timed("admit", DecodeEngine._admit)
+
+    def write() -> None:
+        while True:
+            time.sleep(0.5)
+            with open(out + ".tmp", "w") as stream:
+                json.dump(totals, stream)
+            import os
+
+            os.replace(out + ".tmp", out)
+
+    threading.Thread(target=write, daemon=True).start()
+    from florence2_serve.client.cli import cli
+
+    sys.argv = ["florence2", "worker", *args]
+    cli()
+
+
+if __name__ == "__main__":
+    main()

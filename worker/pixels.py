@@ -1,0 +1,159 @@
+"""Images to model pixels before a job reaches the model thread (issue #23).
+
+The decode engine's model thread should hold the interpreter only to step. Decoding a job's image and
+running the model's image processor on it (resize, rescale, normalise: several ms of mostly Python per
+image) happen here instead, when the fetcher takes the job:
+
+- `workers=0`: on the fetcher's own thread. The model thread no longer waits for it, but the two share the
+  GIL, so the processor's Python work can still delay a step.
+- `workers>0`: in that many spawned processes. The worker process receives the pixels and the image's
+  size, and never holds the decoded image. The processes die with the worker; one that dies (killed for
+  memory, say) is replaced, and its images are tried once more before their jobs fail.
+
+Either way a request carries `pixels` (its processor's output for its image), which the engine uses in place
+of running the processor itself; the numbers are the processor's own, so the tokens are unchanged.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from florence2_serve.common.images import ImageError, decode_image
+
+from .os_hooks import die_with_parent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ImageSize:
+    """Stands in for the decoded image where only its size is read (prompts and results use its size)."""
+
+    size: tuple[int, int]
+
+
+@dataclass
+class Prepared:
+    image: Any  # the decoded PIL image, or its ImageSize when prepared in another process
+    pixels: Any  # numpy array [3, H, W] from the model's image processor
+
+
+class PreparationFailed(RuntimeError):
+    """A preparation process died (killed for memory, or crashed) while preparing this image."""
+
+
+_processor = None  # in a preparation process: the model's image processor
+
+
+def _start(processor, parent: int) -> None:
+    """A preparation process's start: it dies with the worker (even a SIGKILLed one) and leaves Ctrl-C to it."""
+    global _processor
+    _processor = processor
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker drains on Ctrl-C and stops us itself
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # the worker died before the request took effect
+        os._exit(1)
+
+
+def _started() -> bool:
+    return _processor is not None
+
+
+def _pixels(processor, image):
+    values = processor([image], return_tensors="pt")["pixel_values"][0]
+    return values.numpy()
+
+
+def _prepare_in_process(data: bytes):
+    """Runs in a preparation process: (size, pixels), or the ImageError that says what is wrong."""
+    try:
+        image = decode_image(data)
+    except ImageError as exc:
+        return exc
+    return image.size, _pixels(_processor, image)
+
+
+def image_workers(settings, engine) -> int:
+    """--image-workers, or by default one process on a CUDA device and none on CPU."""
+    if settings.image_workers is not None:
+        return settings.image_workers
+    return 1 if getattr(engine.loaded.device, "type", "") == "cuda" else 0
+
+
+class PixelPreparer:
+    """Prepares a batch of images: in order, each a Prepared or the ImageError of its bytes."""
+
+    def __init__(self, processor, workers: int = 0):
+        self.processor, self.workers = processor, workers
+        self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        if workers:
+            self.pool = self._new_pool()
+
+    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
+        """A pool whose processes have all started (imports done, processor loaded): the first jobs wait for
+        none of that."""
+        pool = concurrent.futures.ProcessPoolExecutor(
+            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+            initargs=(self.processor, os.getpid()))
+        started = [pool.submit(_started) for _ in range(self.workers)]
+        if not all(future.result() for future in started):
+            raise RuntimeError("an image preparation process did not start")
+        return pool
+
+    def prepare(self, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
+        if self.pool is None:
+            return [self._prepare_here(data) for data in images]
+        results = self._prepare_in_pool(images)
+        broken = [i for i, result in enumerate(results) if isinstance(result, PreparationFailed)]
+        if broken:  # once more, on a new pool: a job that brings it down again fails alone
+            log.warning("an image preparation process died; starting a new one and retrying %d images",
+                        len(broken))
+            self._restart()
+            for index, result in zip(broken, self._prepare_in_pool([images[i] for i in broken])):
+                results[index] = result
+            if any(isinstance(result, PreparationFailed) for result in results):
+                self._restart()
+        return results
+
+    def _prepare_here(self, data: bytes) -> Prepared | ImageError:
+        try:
+            image = decode_image(data)
+        except ImageError as exc:
+            return exc
+        return Prepared(image, _pixels(self.processor, image))
+
+    def _prepare_in_pool(self, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
+        try:
+            futures = [self.pool.submit(_prepare_in_process, data) for data in images]
+        except concurrent.futures.process.BrokenProcessPool:  # a process died since the last batch
+            log.warning("an image preparation process had died; starting a new one")
+            self._restart()
+            futures = [self.pool.submit(_prepare_in_process, data) for data in images]
+        results: list[Prepared | ImageError | PreparationFailed] = []
+        for future in futures:
+            try:
+                outcome = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                results.append(PreparationFailed("the image preparation process died preparing this image"))
+                continue
+            if isinstance(outcome, ImageError):
+                results.append(outcome)
+            else:
+                size, pixels = outcome
+                results.append(Prepared(ImageSize(tuple(size)), pixels))
+        return results
+
+    def _restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._new_pool()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
