@@ -2,8 +2,8 @@
 
   python bench/probe_worker.py OUT.json WORKER-ARGS...
 
-Every decoding step (`_step`) and every admission of joining requests (`_admit`) is timed on the model
-thread: wall time, the thread's own CPU time (CLOCK_THREAD_CPUTIME_ID) and its context switches (getrusage
+Every decoding step (`_step`), every admission of joining requests (`_admit`) and every look for more work
+between steps (the worker's `pull`, when it does not wait) is timed on the model thread: wall time, the thread's own CPU time (CLOCK_THREAD_CPUTIME_ID) and its context switches (getrusage
 RUSAGE_THREAD). Wall minus CPU is time the thread was off a CPU inside that work: asleep waiting for the GIL
 (a voluntary switch: a CPU torch op on one thread never sleeps otherwise) or runnable but preempted (an
 involuntary switch: the machine's cores were busy). The totals are written to OUT.json every 0.5 s.
@@ -22,8 +22,8 @@ def main() -> None:
     out, args = sys.argv[1], sys.argv[2:]
     from florence2_serve.worker.decoding.engine import DecodeEngine
 
-    totals = {name: {"calls": 0, "wall_s": 0.0, "cpu_s": 0.0, "voluntary": 0, "involuntary": 0}
-              for name in ("step", "admit")}
+    totals = {name: {"calls": 0, "wall_s": 0.0, "cpu_s": 0.0, "voluntary": 0, "involuntary": 0, "page_faults": 0}
+              for name in ("step", "admit", "take")}
 
     def timed(name: str, function):
         total = totals[name]
@@ -41,10 +41,22 @@ def main() -> None:
                 total["cpu_s"] += cpu
                 total["voluntary"] += after.ru_nvcsw - usage.ru_nvcsw
                 total["involuntary"] += after.ru_nivcsw - usage.ru_nivcsw
+                total["page_faults"] += after.ru_minflt - usage.ru_minflt
         return wrapper
 
     DecodeEngine._step = timed("step", DecodeEngine._step)
     DecodeEngine._admit = timed("admit", DecodeEngine._admit)
+    serve = DecodeEngine.serve
+
+    def serve_timing_pull(self, pull, done, until_idle=False):
+        timed_pull = timed("take", pull)
+
+        def pull_unless_waiting(free_rows, block):  # a pull that may wait for work is not timed
+            return (pull if block else timed_pull)(free_rows, block)
+
+        return serve(self, pull_unless_waiting, done, until_idle)
+
+    DecodeEngine.serve = serve_timing_pull
 
     def write() -> None:
         while True:

@@ -25,11 +25,11 @@ class Stepping:
         if not self.active:
             return
         active = self.active
+        live = max(a.search.length for a in active)  # the longest row's tokens: later columns hold only pads
         if self.static_shapes:  # every row, the whole cache
             count, span, source_span = self.capacity, None, None
         else:
-            count = max(a.rows[-1] for a in active) + 1
-            span = max(a.search.length for a in active)
+            count, span = max(a.rows[-1] for a in active) + 1, live
             source_span = max(a.source_length for a in active)
         greedy = [a for a in active if isinstance(a.search, GreedySearch)]
         beams = len(greedy) < len(active)
@@ -46,7 +46,7 @@ class Stepping:
                 scores = logits
             seen = self.seen[:count] if any(a.request.generation.repetition_penalty != 1.0 for a in active) else None
             owing = any(a.search.length - 1 < a.request.generation.min_new_tokens for a in active)
-            scores = process(scores, self.sequences[:count], self.lengths[:count], seen, self.penalty[:count],
+            scores = process(scores, self.sequences[:count, :live], self.lengths[:count], seen, self.penalty[:count],
                              self.min_new[:count] if owing else None, self.max_length[:count], self.specials,
                              bos_due=any(a.search.length == 1 for a in active),
                              eos_due=any(a.search.length == a.request.generation.max_new_tokens for a in active))
