@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import threading

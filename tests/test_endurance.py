@@ -13,7 +13,6 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -41,12 +40,12 @@ def test_a_held_job_is_freed_without_the_garbage_collector(tiny_png):
     """Held -> request -> its stop check must not lead back to Held: a cycle would keep each finished
     job's decoded image alive until a full collection (+30 MB per 1,000 640x480 jobs, measured)."""
     from florence2_serve.common.rq_bridge import TakenJob
-    from florence2_serve.worker.batch_worker import BatchWorker
+    from florence2_serve.worker.job_request import prepare_request
     from florence2_serve.worker.outcomes import Held
 
     record = layout.JobRecord(job_id="j", model="m", task="<OD>")
     held = Held(TakenJob("rq:queue:florence2:m", "j", "x1", record, tiny_png), taken_at=time.time())
-    assert BatchWorker._prepare(SimpleNamespace(_now=threading.Event()), held, None) is None
+    assert prepare_request(held, None, threading.Event()) is None
     assert held.request.should_stop() is False
     held.cancel.set()
     assert held.request.should_stop() is True

@@ -49,6 +49,24 @@ def test_pixels_made_on_the_fetcher_thread_are_the_processors(tiny_loaded):
     assert isinstance(bad, ImageError) and "not a readable image" in str(bad)
 
 
+def test_a_processor_failure_fails_that_image_alone(tiny_loaded):
+    """An image the processor cannot take fails its own job (a clear reason); the others are made."""
+    processor = tiny_loaded.processor.image_processor
+
+    def picky(images, **kwargs):
+        if images[0].size == (7, 7):
+            raise ValueError("unsupported")
+        return processor(images, **kwargs)
+
+    from PIL import Image
+
+    from florence2_serve.worker.pixels import PreparationFailed
+
+    good, odd = PixelPreparer(picky, workers=0).prepare([_jpeg(lesson_images()[0]), _jpeg(Image.new("RGB", (7, 7)))])
+    assert isinstance(good, Prepared)
+    assert isinstance(odd, PreparationFailed) and not odd.died and "ValueError" in str(odd)
+
+
 @pytest.mark.slow
 def test_a_preparation_process_gives_the_same_pixels_and_is_replaced_when_it_dies(tiny_loaded):
     processor = tiny_loaded.processor.image_processor

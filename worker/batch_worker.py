@@ -26,7 +26,6 @@ fails them, and takes them next itself.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import logging
 import queue
@@ -40,21 +39,20 @@ from rq.serializers import JSONSerializer
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
-from florence2_serve.common.errors import JobError, Reason
-from florence2_serve.common.generation import GenerationSettings
+from florence2_serve.common.errors import JobError
 from florence2_serve.common.log_setup import record_fields
-from florence2_serve.common.images import ImageError, decode_image, release_image_memory
+from florence2_serve.common.images import release_image_memory
 from florence2_serve.common.redis_layout import JobState
 from florence2_serve.common.rq_bridge import Finished, TakenJob
-from florence2_serve.common.tasks import Task
 
 from . import metrics
 from .continuous import ContinuousModelLoop
 from .finisher import FinishingLoop
-from .inference import Engine, InferenceOutcome, InferenceRequest, check_batch
+from .inference import Engine, InferenceOutcome, check_batch
 from .jobs import requeued_after_loss as lost_jobs_requeued
-from .pixels import PixelPreparer, PreparationFailed, Prepared, image_workers
-from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue, StopCheck
+from .job_request import prepare_request
+from .pixels import PixelPreparer, PreparationFailed, image_workers
+from .outcomes import CANCELLED_BEFORE_RUN, EXPIRED_BEFORE_RUN, INFERENCE_FAILED, Batch, Held, Requeue
 from .presence import REDIS_ERRORS, OutageLog, Presence, name_os_thread
 from .reporting import report_closed
 from .settings import WorkerSettings
@@ -250,7 +248,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         with self._lock:  # heartbeated (and cancellable) from now on, while their images are prepared
             for held in helds:
                 self._held[held.job.job_id] = held
-        images = self.pixels.prepare([job.image for job in taken]) if self.pixels else [None] * len(taken)
+        images = self._prepare_images(taken)
         ready: list[Held] = []
         not_run: list[Finished] = []
         for held, image in zip(helds, images):
@@ -272,33 +270,18 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         if not accepting and ready:  # taken while stopping: straight back to the queue
             self._finishing.put(Requeue([held.job for held in ready]))
 
-    def _prepare(self, held: Held, prepared: Prepared | ImageError | PreparationFailed | None) -> JobError | None:
-        """Decode the job into an InferenceRequest on `held` (its image `prepared` already, when the engine
-        takes pixels), or say why it cannot run."""
-        job, record = held.job, held.job.record
-        pixels = None
+    def _prepare_images(self, taken: list[TakenJob]) -> list:
+        """Each job's image made into pixels (engines that take them), or None (the job decodes its own)."""
+        if self.pixels is None:
+            return [None] * len(taken)
         try:
-            if isinstance(prepared, (ImageError, PreparationFailed)):
-                raise prepared
-            if prepared is None:
-                image = decode_image(job.image)
-            else:
-                image, pixels = prepared.image, prepared.pixels
-        except ImageError as exc:
-            return JobError((Reason.IMAGE_TOO_LARGE if exc.too_large else Reason.IMAGE_UNREADABLE).value, str(exc))
-        except PreparationFailed as exc:
-            return JobError(Reason.INFERENCE_FAILED.value, f"{exc} (twice); the job is not retried")
-        try:
-            generation = GenerationSettings.from_options(record.generation)
-            task = Task(record.task)
-        except (ValueError, TypeError) as exc:
-            return JobError(Reason.INVALID_FIELD.value, str(exc))
-        held.stop = StopCheck(self._now, held.cancel)
-        held.request = InferenceRequest(
-            image=image, task=task, text=record.text, region=tuple(record.region) if record.region else None,
-            generation=generation, request_id=job.job_id, image_key=hashlib.blake2b(job.image, digest_size=16).hexdigest(),
-            should_stop=held.stop, detection=dict(record.detection), pixels=pixels)
-        return None
+            return self.pixels.prepare([job.image for job in taken])
+        except Exception:  # noqa: BLE001 - e.g. no new preparation process could start: these jobs fail, not the fetcher
+            log.exception("preparing %d images failed", len(taken))
+            return [PreparationFailed("the worker could not prepare this image")] * len(taken)
+
+    def _prepare(self, held: Held, prepared) -> JobError | None:
+        return prepare_request(held, prepared, self._now)
 
     # -- model ------------------------------------------------------------------------------------
 

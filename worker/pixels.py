@@ -45,7 +45,12 @@ class Prepared:
 
 
 class PreparationFailed(RuntimeError):
-    """A preparation process died (killed for memory, or crashed) while preparing this image."""
+    """The image decoded, but could not be made into pixels: the processor raised, or (`died`) a preparation
+    process died (killed for memory, or crashed) while preparing it, twice."""
+
+    def __init__(self, message: str, died: bool = False):
+        super().__init__(message)
+        self.died = died
 
 
 _processor = None  # in a preparation process: the model's image processor
@@ -70,13 +75,23 @@ def _pixels(processor, image):
     return values.numpy()
 
 
-def _prepare_in_process(data: bytes):
-    """Runs in a preparation process: (size, pixels), or the ImageError that says what is wrong."""
+def _make(processor, data: bytes):
+    """(decoded image, pixels), or the ImageError or PreparationFailed that says why not."""
     try:
         image = decode_image(data)
     except ImageError as exc:
         return exc
-    return image.size, _pixels(_processor, image)
+    try:
+        return image, _pixels(processor, image)
+    except Exception as exc:  # noqa: BLE001 - one image's failure fails its job only
+        log.exception("the image processor failed on a %dx%d image", *image.size)
+        return PreparationFailed(f"the image could not be made into the model's pixels ({type(exc).__name__})")
+
+
+def _prepare_in_process(data: bytes):
+    """Runs in a preparation process: (size, pixels), or why not (the decoded image stays here)."""
+    made = _make(_processor, data)
+    return made if isinstance(made, Exception) else (made[0].size, made[1])
 
 
 def image_workers(settings, engine) -> int:
@@ -110,23 +125,20 @@ class PixelPreparer:
         if self.pool is None:
             return [self._prepare_here(data) for data in images]
         results = self._prepare_in_pool(images)
-        broken = [i for i, result in enumerate(results) if isinstance(result, PreparationFailed)]
+        broken = [i for i, result in enumerate(results) if isinstance(result, PreparationFailed) and result.died]
         if broken:  # once more, on a new pool: a job that brings it down again fails alone
             log.warning("an image preparation process died; starting a new one and retrying %d images",
                         len(broken))
             self._restart()
             for index, result in zip(broken, self._prepare_in_pool([images[i] for i in broken])):
                 results[index] = result
-            if any(isinstance(result, PreparationFailed) for result in results):
+            if any(isinstance(result, PreparationFailed) and result.died for result in results):
                 self._restart()
         return results
 
-    def _prepare_here(self, data: bytes) -> Prepared | ImageError:
-        try:
-            image = decode_image(data)
-        except ImageError as exc:
-            return exc
-        return Prepared(image, _pixels(self.processor, image))
+    def _prepare_here(self, data: bytes) -> Prepared | ImageError | PreparationFailed:
+        made = _make(self.processor, data)
+        return made if isinstance(made, Exception) else Prepared(*made)
 
     def _prepare_in_pool(self, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
         try:
@@ -140,9 +152,10 @@ class PixelPreparer:
             try:
                 outcome = future.result()
             except concurrent.futures.process.BrokenProcessPool:
-                results.append(PreparationFailed("the image preparation process died preparing this image"))
+                results.append(PreparationFailed("the image preparation process died preparing this image",
+                                                 died=True))
                 continue
-            if isinstance(outcome, ImageError):
+            if isinstance(outcome, Exception):
                 results.append(outcome)
             else:
                 size, pixels = outcome
