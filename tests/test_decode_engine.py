@@ -176,6 +176,18 @@ def test_no_repeat_ngrams_match_transformers():
             assert torch.equal(mine[row], theirs[0].isinf()), (n, row)
 
 
+def test_no_repeat_ngrams_over_the_live_columns_ignore_rows_longer_than_them():
+    """The step passes only the live columns (through the longest active row); a free row below an active
+    one still holds its last request's longer length. Its bans are never read, but must not fail the step."""
+    generator = torch.Generator().manual_seed(5)
+    sequences = torch.randint(0, 4, (3, 40), generator=generator)
+    live = 9
+    lengths = torch.tensor([37, 9, 4])  # row 0: free, its last request ran to 37 tokens
+    full = banned_ngrams(sequences, torch.tensor([37, 9, 4]), 3, 7)
+    cut = banned_ngrams(sequences[:, :live], lengths, 3, 7)
+    assert torch.equal(cut[1:], full[1:])
+
+
 @pytest.mark.slow
 def test_compiled_decoding_gives_the_same_tokens(tiny_loaded):
     """torch.compile'd step (static shapes; CUDA graphs on a GPU): greedy and beams 3, batch 1 and 8."""

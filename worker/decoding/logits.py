@@ -78,7 +78,9 @@ def banned_ngrams(sequences: torch.Tensor, lengths: torch.Tensor, n: int, vocab:
     windows = sequences.unfold(1, n, 1)  # [rows, total - n + 1, n]
     starts = torch.arange(windows.shape[1], device=sequences.device)
     complete = starts[None, :] + n <= lengths[:, None]  # the window lies within the row's tokens
-    tail_index = (lengths[:, None] - (n - 1) + torch.arange(n - 1, device=sequences.device)[None, :]).clamp(min=0)
+    # Clamped to the columns given: a free row may still hold a longer length than the live columns it was
+    # given (its bans are garbage and never read).
+    tail_index = (lengths[:, None] - (n - 1) + torch.arange(n - 1, device=sequences.device)[None, :]).clamp(0, total - 1)
     tail = sequences.gather(1, tail_index)  # the row's last n-1 tokens
     match = complete & (windows[:, :, :-1] == tail[:, None, :]).all(dim=-1)
     match &= (lengths[:, None] + 1 >= n)  # transformers bans nothing before the row has n-1 tokens
