@@ -162,7 +162,8 @@ def main() -> None:
                                 str(args.rate), "--nonblocking", "--threads", "-d", str(int(args.seconds)), *flags],
                                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(0.6)  # the probe's next write covers the window
-            elapsed, after, timed_after = time.perf_counter() - started, scrape(metrics_port), json.loads(probe.read_text())
+            elapsed = time.perf_counter() - started
+            after, timed_after = scrape(metrics_port), json.loads(probe.read_text())
             windows[mode] = {"seconds": elapsed,
                              "steps": after["florence2_decode_steps_total"] - before["florence2_decode_steps_total"],
                              "jobs": after["florence2_jobs_ended_total"] - before["florence2_jobs_ended_total"],
@@ -202,7 +203,8 @@ def summarize(windows: dict, args) -> dict:
                      "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "py_spy_rate": rate},
             "jobs_per_s": {mode: w["jobs"] / w["seconds"] for mode, w in windows.items()},
             "steps_per_s": {mode: w["steps"] / w["seconds"] for mode, w in windows.items()},
-            "requests_per_step": {mode: w["jobs"] * args.new_tokens / max(1, w["steps"]) for mode, w in windows.items()},
+            "requests_per_step": {mode: w["jobs"] * args.new_tokens / max(1, w["steps"])
+                                  for mode, w in windows.items()},
             "per_step": timed, "activities_ms_per_step": activities, "windows": windows}
 
 

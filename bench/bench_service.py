@@ -214,7 +214,8 @@ def main() -> None:
         valkey.stop()
     base_rate = statistics.mean(base_rates)
     report = {
-        "meta": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "meta": {"python": platform.python_version(), "torch": torch.__version__,
+                 "transformers": transformers.__version__,
                  "cpus": os.cpu_count(), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
                  "new_tokens": args.new_tokens, "beams": args.beams, "torch_threads": args.torch_threads},
         "in_process": {"p50": percentile(base_times, 50), "p99": percentile(base_times, 99),

@@ -1,17 +1,19 @@
-"""`florence2 worker`, with its decode engine's model thread timed per step (bench/bench_gil.py runs it).
+"""`florence2 worker`, with its decode engine's model thread timed (bench/bench_gil.py runs it).
 
   python bench/probe_worker.py OUT.json WORKER-ARGS...
 
-Every decoding step (`_step`), every admission of joining requests (`_admit`) and every look for more work
-between steps (the worker's `pull`, when it does not wait) is timed on the model thread: wall time, the thread's own CPU time (CLOCK_THREAD_CPUTIME_ID) and its context switches (getrusage
-RUSAGE_THREAD). Wall minus CPU is time the thread was off a CPU inside that work: asleep waiting for the GIL
-(a voluntary switch: a CPU torch op on one thread never sleeps otherwise) or runnable but preempted (an
+On the model thread, every decoding step (`_step`), every admission of joining requests (`_admit`) and
+every look for more work between steps (the worker's `pull`, when it does not wait) is timed: wall time,
+the thread's own CPU time (CLOCK_THREAD_CPUTIME_ID), its context switches and page faults (getrusage
+RUSAGE_THREAD). Wall minus CPU is time the thread was off a CPU inside that work: asleep waiting for the
+GIL (a voluntary switch: a CPU torch op on one thread never sleeps otherwise) or runnable but preempted (an
 involuntary switch: the machine's cores were busy). The totals are written to OUT.json every 0.5 s.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import threading
@@ -63,8 +65,6 @@ def main() -> None:
             time.sleep(0.5)
             with open(out + ".tmp", "w") as stream:
                 json.dump(totals, stream)
-            import os
-
             os.replace(out + ".tmp", out)
 
     threading.Thread(target=write, daemon=True).start()

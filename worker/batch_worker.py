@@ -276,7 +276,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
             return [None] * len(taken)
         try:
             return self.pixels.prepare([job.image for job in taken])
-        except Exception:  # noqa: BLE001 - e.g. no new preparation process could start: these jobs fail, not the fetcher
+        except Exception:  # noqa: BLE001 - e.g. no preparation process could start: these jobs fail, not the fetcher
             log.exception("preparing %d images failed", len(taken))
             return [PreparationFailed("the worker could not prepare this image")] * len(taken)
 

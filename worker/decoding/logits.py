@@ -80,7 +80,8 @@ def banned_ngrams(sequences: torch.Tensor, lengths: torch.Tensor, n: int, vocab:
     complete = starts[None, :] + n <= lengths[:, None]  # the window lies within the row's tokens
     # Clamped to the columns given: a free row may still hold a longer length than the live columns it was
     # given (its bans are garbage and never read).
-    tail_index = (lengths[:, None] - (n - 1) + torch.arange(n - 1, device=sequences.device)[None, :]).clamp(0, total - 1)
+    offsets = torch.arange(n - 1, device=sequences.device)[None, :]
+    tail_index = (lengths[:, None] - (n - 1) + offsets).clamp(0, total - 1)
     tail = sequences.gather(1, tail_index)  # the row's last n-1 tokens
     match = complete & (windows[:, :, :-1] == tail[:, None, :]).all(dim=-1)
     match &= (lengths[:, None] + 1 >= n)  # transformers bans nothing before the row has n-1 tokens
