@@ -67,6 +67,20 @@ def test_a_processor_failure_fails_that_image_alone(tiny_loaded):
     assert isinstance(odd, PreparationFailed) and not odd.died and "ValueError" in str(odd)
 
 
+def test_a_worker_that_cannot_start_preparation_processes_prepares_on_its_fetcher_thread(tiny_loaded, monkeypatch,
+                                                                                          caplog):
+    import concurrent.futures
+
+    def no_processes(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_processes)
+    preparer = PixelPreparer(tiny_loaded.processor.image_processor, workers=2)
+    assert preparer.pool is None and "cannot start image preparation processes" in caplog.text
+    (made,) = preparer.prepare([_jpeg(lesson_images()[0])])
+    assert isinstance(made, Prepared) and made.image.size == (640, 480)
+
+
 @pytest.mark.slow
 def test_a_preparation_process_gives_the_same_pixels_and_is_replaced_when_it_dies(tiny_loaded):
     processor = tiny_loaded.processor.image_processor
@@ -128,6 +142,36 @@ def test_a_worker_with_preparation_processes_serves_and_leaves_none_behind_when_
     while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in children)
+
+
+class _KillsItsProcessOnTinyImages:
+    """An image processor that takes its preparation process down on a 5x5 image (picklable: it is sent there)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, images, **kwargs):
+        if images[0].size == (5, 5):
+            os._exit(1)
+        return self.processor(images, **kwargs)
+
+
+@pytest.mark.slow
+def test_an_image_that_kills_its_preparation_process_fails_alone(tiny_loaded):
+    from PIL import Image
+
+    from florence2_serve.worker.pixels import PreparationFailed
+
+    preparer = PixelPreparer(_KillsItsProcessOnTinyImages(tiny_loaded.processor.image_processor), workers=1)
+    try:
+        good = _jpeg(lesson_images()[0])
+        first, killer, last = preparer.prepare([good, _jpeg(Image.new("RGB", (5, 5))), good])
+        assert isinstance(first, Prepared) and isinstance(last, Prepared)
+        assert isinstance(killer, PreparationFailed) and killer.died
+        (after,) = preparer.prepare([good])  # a new process serves the next jobs
+        assert isinstance(after, Prepared)
+    finally:
+        preparer.close()
 
 
 def _children(pid: int) -> list[int]:

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,51 +103,64 @@ def image_workers(settings, engine) -> int:
 
 
 class PixelPreparer:
-    """Prepares a batch of images: in order, each a Prepared or the ImageError of its bytes."""
+    """Prepares a batch of images: in order, each a Prepared, or the ImageError or PreparationFailed that says
+    why not. Thread-safe (the fetcher and the main thread's lost-job pickup both prepare)."""
 
     def __init__(self, processor, workers: int = 0):
         self.processor, self.workers = processor, workers
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
         if workers:
-            self.pool = self._new_pool()
+            self._start_pool()
 
-    def _new_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-        """A pool whose processes have all started (imports done, processor loaded): the first jobs wait for
-        none of that."""
-        pool = concurrent.futures.ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-            initargs=(self.processor, os.getpid()))
-        started = [pool.submit(_started) for _ in range(self.workers)]
-        if not all(future.result() for future in started):
-            raise RuntimeError("an image preparation process did not start")
-        return pool
+    def _start_pool(self) -> None:
+        """A pool whose processes have all started (imports done, processor loaded), so the first jobs wait for
+        none of that; if none can start, the fetcher thread prepares the images from then on."""
+        pool = None
+        try:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
+                initargs=(self.processor, os.getpid()))
+            started = [pool.submit(_started) for _ in range(self.workers)]
+            if not all(future.result() for future in started):
+                raise RuntimeError("an image preparation process did not start")
+        except Exception:  # noqa: BLE001 - slower without them, but the worker goes on serving
+            log.exception("cannot start image preparation processes; images are prepared on the fetcher thread")
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
+        self.pool = pool
 
-    def prepare(self, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
-        if self.pool is None:
+    def prepare(self, images: list[bytes], retry: bool = True) -> list[Prepared | ImageError | PreparationFailed]:
+        pool = self.pool
+        if pool is None:
             return [self._prepare_here(data) for data in images]
-        results = self._prepare_in_pool(images)
+        results = self._prepare_in_pool(pool, images)
         broken = [i for i, result in enumerate(results) if isinstance(result, PreparationFailed) and result.died]
-        if broken:  # once more, on a new pool: a job that brings it down again fails alone
+        if broken and retry:  # once more, one by one on a new pool: an image that brings it down again fails alone
             log.warning("an image preparation process died; starting a new one and retrying %d images",
                         len(broken))
-            self._restart()
-            for index, result in zip(broken, self._prepare_in_pool([images[i] for i in broken])):
-                results[index] = result
-            if any(isinstance(result, PreparationFailed) and result.died for result in results):
-                self._restart()
+            if self._restart(pool):
+                for index in broken:
+                    if self.pool is not None:  # never in this process: the image may take it down too
+                        (results[index],) = self.prepare([images[index]], retry=False)
+        elif broken:
+            self._restart(pool)
         return results
 
     def _prepare_here(self, data: bytes) -> Prepared | ImageError | PreparationFailed:
         made = _make(self.processor, data)
         return made if isinstance(made, Exception) else Prepared(*made)
 
-    def _prepare_in_pool(self, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
+    def _prepare_in_pool(self, pool, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
         try:
-            futures = [self.pool.submit(_prepare_in_process, data) for data in images]
-        except concurrent.futures.process.BrokenProcessPool:  # a process died since the last batch
+            futures = [pool.submit(_prepare_in_process, data) for data in images]
+        except (concurrent.futures.process.BrokenProcessPool, RuntimeError):  # died since the last batch
             log.warning("an image preparation process had died; starting a new one")
-            self._restart()
-            futures = [self.pool.submit(_prepare_in_process, data) for data in images]
+            if not self._restart(pool):
+                return [self._prepare_here(data) for data in images]
+            pool = self.pool
+            futures = [pool.submit(_prepare_in_process, data) for data in images]
         results: list[Prepared | ImageError | PreparationFailed] = []
         for future in futures:
             try:
@@ -162,11 +176,16 @@ class PixelPreparer:
                 results.append(Prepared(ImageSize(tuple(size)), pixels))
         return results
 
-    def _restart(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = self._new_pool()
+    def _restart(self, broken) -> bool:
+        """Replace the pool `broken` (unless another thread already has); whether there is a pool now."""
+        with self._lock:
+            if self.pool is broken and broken is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._start_pool()
+            return self.pool is not None
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
+        with self._lock:
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
