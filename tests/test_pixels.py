@@ -81,31 +81,6 @@ def test_a_worker_that_cannot_start_preparation_processes_prepares_on_its_fetche
     assert isinstance(made, Prepared) and made.image.size == (640, 480)
 
 
-@pytest.mark.slow
-def test_a_preparation_process_gives_the_same_pixels_and_is_replaced_when_it_dies(tiny_loaded):
-    processor = tiny_loaded.processor.image_processor
-    images = [_jpeg(image) for image in lesson_images()]
-    preparer = PixelPreparer(processor, workers=1)
-    try:
-        results = preparer.prepare([*images, b"\x89PNG broken", _bomb()])
-        for data, result in zip(images, results):
-            assert isinstance(result, Prepared) and isinstance(result.image, ImageSize)
-            assert result.image.size == decode_image(data).size
-            assert torch.equal(torch.as_tensor(result.pixels), _reference(processor, data))
-        unreadable, too_large = results[len(images):]
-        assert isinstance(unreadable, ImageError) and not unreadable.too_large
-        assert isinstance(too_large, ImageError) and too_large.too_large  # the reason crosses the process
-        (process,) = preparer.pool._processes.values()
-        os.kill(process.pid, signal.SIGKILL)  # killed for memory, say, while idle
-        process.join(10)
-        (again,) = preparer.prepare(images[:1])
-        assert isinstance(again, Prepared)
-        (replacement,) = preparer.pool._processes.values()
-        assert replacement.pid != process.pid
-    finally:
-        preparer.close()
-
-
 def test_a_request_with_pixels_decodes_the_same_tokens(tiny_loaded):
     """The engine uses the pixels a request brings in place of running the processor: same tokens."""
     engine = DecodeEngine(tiny_loaded, DecodeOptions(rows=8))
@@ -157,18 +132,37 @@ class _KillsItsProcessOnTinyImages:
 
 
 @pytest.mark.slow
-def test_an_image_that_kills_its_preparation_process_fails_alone(tiny_loaded):
+def test_preparation_processes_give_the_processors_pixels_and_are_replaced_when_they_die(tiny_loaded):
     from PIL import Image
 
     from florence2_serve.worker.pixels import PreparationFailed
 
-    preparer = PixelPreparer(_KillsItsProcessOnTinyImages(tiny_loaded.processor.image_processor), workers=1)
+    processor = tiny_loaded.processor.image_processor
+    images = [_jpeg(image) for image in lesson_images()]
+    preparer = PixelPreparer(_KillsItsProcessOnTinyImages(processor), workers=1)
     try:
-        good = _jpeg(lesson_images()[0])
-        first, killer, last = preparer.prepare([good, _jpeg(Image.new("RGB", (5, 5))), good])
+        results = preparer.prepare([*images, b"\x89PNG broken", _bomb()])
+        for data, result in zip(images, results):
+            assert isinstance(result, Prepared) and isinstance(result.image, ImageSize)
+            assert result.image.size == decode_image(data).size
+            assert torch.equal(torch.as_tensor(result.pixels), _reference(processor, data))
+        unreadable, too_large = results[len(images):]
+        assert isinstance(unreadable, ImageError) and not unreadable.too_large
+        assert isinstance(too_large, ImageError) and too_large.too_large  # the reason crosses the process
+
+        (process,) = preparer.pool._processes.values()
+        os.kill(process.pid, signal.SIGKILL)  # killed for memory, say, while idle
+        process.join(10)
+        (again,) = preparer.prepare(images[:1])
+        assert isinstance(again, Prepared)
+        (replacement,) = preparer.pool._processes.values()
+        assert replacement.pid != process.pid
+
+        # An image that takes its process down while others wait behind it: it fails alone.
+        first, killer, last = preparer.prepare([images[0], _jpeg(Image.new("RGB", (5, 5))), images[0]])
         assert isinstance(first, Prepared) and isinstance(last, Prepared)
         assert isinstance(killer, PreparationFailed) and killer.died
-        (after,) = preparer.prepare([good])  # a new process serves the next jobs
+        (after,) = preparer.prepare(images[:1])  # a new process serves the next jobs
         assert isinstance(after, Prepared)
     finally:
         preparer.close()
