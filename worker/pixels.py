@@ -8,7 +8,8 @@ image) happen here instead, when the fetcher takes the job:
   GIL, so the processor's Python work can still delay a step.
 - `workers>0`: in that many spawned processes. The worker process receives the pixels and the image's
   size, and never holds the decoded image. The processes die with the worker; one that dies (killed for
-  memory, say) is replaced, and its images are tried once more before their jobs fail.
+  memory, say) is replaced and its images are retried one by one, so an image that takes it down again
+  fails its own job alone. A worker that cannot start them prepares on the fetcher thread instead.
 
 Either way a request carries `pixels` (its processor's output for its image), which the engine uses in place
 of running the processor itself; the numbers are the processor's own, so the tokens are unchanged.
