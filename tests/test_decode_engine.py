@@ -311,6 +311,7 @@ def test_decode_steps_are_counted_once_per_step_and_exported(engines):
     outcomes = fast.run_batch([InferenceRequest(image, Task.OD, generation=settings) for image in lesson_images()[:2]])
     assert [o.result.generated_tokens for o in outcomes] == [12, 12]
     assert fast.steps_run - before == 12
-    registry = CollectorRegistry()
-    registry.register(DecodeSteps("tiny", fast))
+    registry, steps = CollectorRegistry(), DecodeSteps()
+    registry.register(steps)
+    steps.engines["tiny"] = fast
     assert f'florence2_decode_steps_total{{model="tiny"}} {float(fast.steps_run)}' in generate_latest(registry).decode()

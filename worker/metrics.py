@@ -42,21 +42,26 @@ def describe_worker(model: str, worker_id: str, loaded, engine: str) -> None:
 
 
 class DecodeSteps:
-    """`florence2_decode_steps_total`: the decode engine's steps, read from its own counter at scrape time (a
-    step pays nothing for it). Jobs per second over steps per second is how many requests a step carried."""
+    """`florence2_decode_steps_total`: the decode engines' steps, read from their own counters at scrape time
+    (a step pays nothing for it). Jobs per second over steps per second is how many requests a step carried."""
 
-    def __init__(self, model: str, engine):
-        self.model, self.engine = model, engine
+    def __init__(self):
+        self.engines: dict[str, object] = {}
 
     def collect(self):
         family = CounterMetricFamily("florence2_decode_steps", "Decoding steps the decode engine ran (one step "
                                      "advances every request decoding at that moment)", labels=["model"])
-        family.add_metric([self.model], self.engine.steps_run)
+        for model, engine in self.engines.items():
+            family.add_metric([model], engine.steps_run)
         yield family
 
 
+DECODE_STEPS = DecodeSteps()
+REGISTRY.register(DECODE_STEPS)
+
+
 def count_decode_steps(model: str, engine) -> None:
-    REGISTRY.register(DecodeSteps(model, engine))
+    DECODE_STEPS.engines[model] = engine
 
 
 def job_ended(model: str, task: str, state: str, reason: str = "") -> None:
