@@ -39,7 +39,6 @@ from rq.serializers import JSONSerializer
 
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
-from florence2_serve.common.errors import JobError
 from florence2_serve.common.log_setup import record_fields
 from florence2_serve.common.images import release_image_memory
 from florence2_serve.common.redis_layout import JobState
@@ -252,7 +251,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         ready: list[Held] = []
         not_run: list[Finished] = []
         for held, image in zip(helds, images):
-            error = self._prepare(held, image)
+            error = prepare_request(held, image, self._now)
             if error is None:
                 ready.append(held)
             else:
@@ -279,9 +278,6 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
         except Exception:  # noqa: BLE001 - e.g. no preparation process could start: these jobs fail, not the fetcher
             log.exception("preparing %d images failed", len(taken))
             return [PreparationFailed("the worker could not prepare this image")] * len(taken)
-
-    def _prepare(self, held: Held, prepared) -> JobError | None:
-        return prepare_request(held, prepared, self._now)
 
     # -- model ------------------------------------------------------------------------------------
 

@@ -63,8 +63,7 @@ def _start(processor, parent: int) -> None:
     global _processor
     _processor = processor
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker drains on Ctrl-C and stops us itself
-    die_with_parent(signal.SIGKILL)
-    if os.getppid() != parent:  # the worker died before the request took effect
+    if not die_with_parent(signal.SIGKILL, parent):
         os._exit(1)
 
 

@@ -103,9 +103,7 @@ def _exit_with_parent() -> None:
     an ordinary SIGTERM by our parent having changed, and stops now (see run_worker)."""
     from .os_hooks import die_with_parent
 
-    parent = os.getppid()
-    die_with_parent(signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if not die_with_parent(signal.SIGTERM, os.getppid()):
         os.kill(os.getpid(), signal.SIGTERM)
 
 

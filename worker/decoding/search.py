@@ -90,7 +90,7 @@ class BeamGroup:
         self.improvable = torch.cat((self.improvable, torch.ones((1,), dtype=torch.bool, device=device)))
         self.cur = torch.cat((self.cur, torch.ones((1,), dtype=torch.long, device=device)))
         self.max_lengths = torch.cat((self.max_lengths, torch.tensor([max_length], device=device)))
-        self._set_rows(self.row_list + list(rows))
+        self._set_rows(self.row_list + rows)
         member = GroupedBeam(self, len(self.members))
         self.members.append(member)
         return member
