@@ -177,6 +177,32 @@ def test_a_known_request_id_returns_its_job_before_anything_else_is_checked(stac
         stack.worker.process.send_signal(signal.SIGCONT)
 
 
+def test_a_new_job_is_enqueued_without_a_request_id_lookup_first(stack, monkeypatch):
+    """The enqueue answers a known request_id itself, atomically: the front end looks one up (a Redis round
+    trip) only for a job its checks refuse."""
+    from florence2_serve.server.jobs import JobStore
+
+    looked_up = []
+    find_request = JobStore.find_request
+
+    async def counted(self, request_id):
+        looked_up.append(request_id)
+        return await find_request(self, request_id)
+
+    monkeypatch.setattr(JobStore, "find_request", counted)
+    client = stack.client
+    request_id, run_id = f"new-{uuid.uuid4()}", f"new-{uuid.uuid4()}"
+    first = client.submit(_spec(stack, request_id=request_id))
+    assert list(client.run(_spec(stack, request_id=run_id)))[-1].type == pb.EVENT_TYPE_DONE
+    again = client.submit(_spec(stack, request_id=request_id))
+    assert (again.job_id, again.created) == (first.job_id, False)
+    rerun = list(client.run(_spec(stack, request_id=run_id)))
+    assert rerun[0].type == pb.EVENT_TYPE_QUEUED and rerun[-1].type == pb.EVENT_TYPE_DONE
+    assert looked_up == []
+    assert client.submit(_spec(stack, request_id=request_id, image=b"")).job_id == first.job_id
+    assert looked_up == [request_id]
+
+
 @pytest.mark.parametrize("change", [
     {"task": pb.TASK_TYPE_OD},
     {"task": pb.TASK_TYPE_CAPTION_TO_PHRASE_GROUNDING, "text": "a car"},
