@@ -5,6 +5,7 @@
   python bench/bench_decode.py mixed  [--clients 32] [--jobs 192]       # the service, short + long jobs
   python bench/bench_decode.py gpu                                      # the GPU targets (needs CUDA)
   python bench/bench_decode.py steps  [--new-tokens 48] [--repeats 3]   # host time per step, 1-8 requests
+  python bench/bench_decode.py prompts [--size base] [--repeats 200]     # the encoder's text, 1 and 8 joining
 
 core:  `<OD>`, batch 1, fixed new tokens (min = max), greedy and beams 3: per-request time of
        `Florence2Engine` (transformers' generate) against `DecodeEngine` eager and compiled; the tokens
@@ -19,6 +20,9 @@ gpu:   base fp16 `<OD>` batch 1 (beams 3, up to 1024 tokens: the seed's run) lat
 steps: `DecodeEngine.run_batch` with 1, 2, 4 and 8 concurrent `<OD>` requests (each its own encoding), greedy
        and beams 3, forced lengths: time per decoding step = (time at --new-tokens - time at 8 tokens)
        / (--new-tokens - 8), which leaves out the vision encoding; median of --repeats.
+prompts: what the model thread spends building the encoder's token ids for 1 and 8 joining `<OD>` requests:
+       the tokenizer on the full text (image tokens + prompt, as before) against the engine's prompt cache,
+       and one text prompt never seen (a cache miss); median of --repeats.
 Models are built offline with random weights (bench/out/models); JSON results go to bench/out/.
 """
 
@@ -302,9 +306,45 @@ class _ForwardClock:
         return logits
 
 
+def prompts(args) -> dict:
+    from florence2_serve.common.tasks import Task, build_prompt
+    from florence2_serve.worker.decoding.engine import DecodeEngine, DecodeOptions
+    from florence2_serve.worker.loader import LoadOptions, load_model
+
+    loaded = load_model(str(build_if_missing(args.size)), LoadOptions(device="cpu"))
+    engine = DecodeEngine(loaded, DecodeOptions(rows=24))
+    processor, tokenizer = loaded.processor, loaded.processor.tokenizer
+    prompt = build_prompt(Task.OD, "", None, (768, 768))
+
+    def tokenizer_ids(prompts):
+        texts = [processor.image_token * engine.image_tokens + tokenizer.bos_token + p + tokenizer.eos_token
+                 for p in prompts]
+        return tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)["input_ids"]
+
+    def median_ms(call) -> float:
+        times = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            call()
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    result = {"size": args.size, "image_tokens": engine.image_tokens, "prompt": prompt, "ms": {}}
+    for n in (1, 8):
+        batch = [prompt] * n
+        assert engine._tokens(batch)[0].equal(tokenizer_ids(batch))
+        result["ms"][f"{n} joining, tokenizer"] = median_ms(lambda: tokenizer_ids(batch))
+        result["ms"][f"{n} joining, prompt cache"] = median_ms(lambda: engine._tokens(batch))
+    unseen = iter(range(10 ** 9))
+    result["ms"]["1 text prompt never seen"] = median_ms(lambda: engine._tokens([f"a red car number {next(unseen)}"]))
+    for name, value in result["ms"].items():
+        print(f"{name}: {value:.3f} ms", file=sys.stderr)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["core", "tasks", "mixed", "gpu", "steps"])
+    parser.add_argument("part", choices=["core", "tasks", "mixed", "gpu", "steps", "prompts"])
     parser.add_argument("--size", default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
@@ -322,7 +362,8 @@ def main() -> None:
 
     if args.device == "cpu" and args.part != "mixed":
         torch.set_num_threads(args.torch_threads)
-    result = {"core": core, "tasks": tasks, "mixed": mixed, "gpu": gpu, "steps": steps}[args.part](args)
+    result = {"core": core, "tasks": tasks, "mixed": mixed, "gpu": gpu, "steps": steps,
+              "prompts": prompts}[args.part](args)
     report = {"meta": {"python": platform.python_version(), "torch": torch.__version__,
                        "transformers": transformers.__version__, "cpus": os.cpu_count(),
                        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M")}, **result}

@@ -161,26 +161,27 @@ def test_tasks_on_one_image_share_one_vision_encoding(engines):
     assert fast.image_encodings - before == 1
 
 
+@pytest.mark.parametrize("which", ["engines", "microsoft_engines"])
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_prompts_are_tokenized_once_and_padded_as_the_tokenizer_pads_a_batch(engines, side, monkeypatch):
-    """The model thread tokenizes a prompt only the first time; the batch it builds from the cache is the
-    tokenizer's own, whichever side it pads."""
-    _, fast = engines
+def test_prompts_are_tokenized_once_and_padded_as_the_tokenizer_pads_a_batch(which, side, request, monkeypatch):
+    """The model thread tokenizes a prompt only the first time, and without the image tokens; the batch it
+    builds is the tokenizer's own on the whole text, whichever side it pads."""
+    _, fast = request.getfixturevalue(which)
     processor = fast.loaded.processor
     tokenizer = processor.tokenizer
     monkeypatch.setattr(tokenizer, "padding_side", side)
     monkeypatch.setattr(fast, "prompt_tokens", type(fast.prompt_tokens)())
     prompts = ["What does the image describe?", "Locate the phrases in the caption: a red car parked by a tall "
-               "building", "What does the image describe?", "OCR"]
+               "building", "What does the image describe?", "OCR", " leading space, <loc_12> and  doubled  spaces "]
     texts = [processor.image_token * fast.image_tokens + tokenizer.bos_token + p + tokenizer.eos_token
              for p in prompts]
     expected = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
     before = fast.prompts_tokenized
     input_ids, mask = fast._tokens(prompts)
     assert torch.equal(input_ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
-    assert fast.prompts_tokenized - before == 3
+    assert fast.prompts_tokenized - before == 4
     again_ids, _ = fast._tokens(prompts[::-1])
-    assert torch.equal(again_ids, expected["input_ids"].flip(0)) and fast.prompts_tokenized - before == 3
+    assert torch.equal(again_ids, expected["input_ids"].flip(0)) and fast.prompts_tokenized - before == 4
 
 
 def test_no_repeat_ngrams_match_transformers():
