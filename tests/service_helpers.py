@@ -117,6 +117,18 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.02, message: st
     raise AssertionError(f"timed out waiting for {message}")
 
 
+def hold(ms: int) -> dict:
+    """Generation options that keep a no-op job running for about `ms` milliseconds."""
+    return {"min_new_tokens": ms, "max_new_tokens": ms, "num_beams": 1}
+
+
+def types_of(events) -> list[str]:
+    """Event types as their short names: QUEUED, STARTED, RESULT, DONE..."""
+    from florence2_serve.v1 import florence2_pb2 as pb
+
+    return [pb.EventType.Name(e.type).removeprefix("EVENT_TYPE_") for e in events]
+
+
 def reason_of(exc) -> str:
     """The ErrorInfo reason of a failed call, raised by our client or by a raw stub."""
     from florence2_serve.client import RpcError

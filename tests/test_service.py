@@ -18,7 +18,7 @@ from florence2_serve.client import AsyncFlorence2Client, Florence2Client, job_sp
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common.tasks import Task
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import WorkerProcess, reason_of, start_front_end, wait_for
+from service_helpers import WorkerProcess, reason_of, start_front_end, types_of, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,10 +27,6 @@ LONG = {"max_new_tokens": 1000, "min_new_tokens": 1000, "num_beams": 1}
 
 def events_of(client, spec, **kwargs):
     return list(client.run(spec, **kwargs))
-
-
-def types_of(events):
-    return [pb.EventType.Name(e.type).removeprefix("EVENT_TYPE_") for e in events]
 
 
 def test_od_through_the_service_equals_core_in_process(service, tiny_loaded):

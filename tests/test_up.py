@@ -17,18 +17,10 @@ from conftest import unused_port
 
 from florence2_serve.client import Florence2Client, job_spec
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import wait_for
+from service_helpers import hold, types_of, wait_for
 
 pytestmark = pytest.mark.slow
 EXE = str(Path(sys.executable).parent / "florence2")
-
-
-def hold(ms: int) -> dict:
-    return {"min_new_tokens": ms, "max_new_tokens": ms, "num_beams": 1}
-
-
-def types_of(events) -> list[str]:
-    return [pb.EventType.Name(e.type).removeprefix("EVENT_TYPE_") for e in events]
 
 
 class Up:

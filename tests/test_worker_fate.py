@@ -13,16 +13,12 @@ import pytest
 from florence2_serve.client import Florence2Client, job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import wait_for
+from service_helpers import hold, wait_for
 
 pytestmark = pytest.mark.slow
 
 NOOP = ("--kind", "noop")
 HEARTBEAT_TTL_S = 4  # the workers' default job heartbeat TTL
-
-
-def hold(ms: int) -> dict:
-    return {"min_new_tokens": ms, "max_new_tokens": ms, "num_beams": 1}
 
 
 def held_by_workers(connection, model: str) -> list[str]:
