@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_core import OUT, build_if_missing  # noqa: E402
-from bench_queue import start, stop, wait_for_port, wait_for_workers  # noqa: E402
+from bench_stack import start, stop, wait_for_port, wait_for_workers  # noqa: E402
 
 MODEL_THREAD = ("florence2-model", "f2s-model")
 # The innermost of these functions in a stack names what the model thread was doing (a wait in

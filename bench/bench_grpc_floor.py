@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_queue import build_go_client, cpu_seconds  # noqa: E402
+from bench_queue import build_go_client  # noqa: E402
+from bench_stack import cpu_seconds  # noqa: E402
 
 
 def serve() -> None:

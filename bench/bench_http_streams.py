@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_queue import OUT, caption_form, start, stop, tiny_png, wait_for_ports, wait_for_workers  # noqa: E402
+from bench_queue import OUT, caption_form  # noqa: E402
+from bench_stack import start, stop, tiny_png, wait_for_ports, wait_for_workers  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

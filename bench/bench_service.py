@@ -38,7 +38,7 @@ OUT = Path(__file__).resolve().parent / "out"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_gil import distinct_jpeg  # noqa: E402
-from bench_queue import start, stop, wait_for_port, wait_for_workers  # noqa: E402
+from bench_stack import start, stop, wait_for_port, wait_for_workers  # noqa: E402
 
 COUNTER = itertools.count(1)  # one image variant per request, across the whole run
 HOPS = ("in: client -> QUEUED", "QUEUED -> STARTED", "STARTED -> DONE", "out: DONE -> client")
