@@ -177,10 +177,11 @@ def test_prompts_are_tokenized_once_and_padded_as_the_tokenizer_pads_a_batch(whi
              for p in prompts]
     expected = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
     before = fast.prompts_tokenized
-    input_ids, mask = fast._tokens(prompts)
+    input_ids, mask, ends = fast._tokens(prompts)
     assert torch.equal(input_ids, expected["input_ids"]) and torch.equal(mask, expected["attention_mask"])
+    assert ends == [int(row.nonzero().max()) + 1 for row in expected["attention_mask"]]
     assert fast.prompts_tokenized - before == 4
-    again_ids, _ = fast._tokens(prompts[::-1])
+    again_ids, _, _ = fast._tokens(prompts[::-1])
     assert torch.equal(again_ids, expected["input_ids"].flip(0)) and fast.prompts_tokenized - before == 4
 
 

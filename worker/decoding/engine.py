@@ -171,7 +171,7 @@ class DecodeEngine(Stepping, Florence2Engine):
         if not ready:
             return
         try:
-            states, masks = self._encode([r for r, _, _ in ready], [p for _, _, p in ready])
+            states, masks, ends = self._encode([r for r, _, _ in ready], [p for _, _, p in ready])
         except Exception:  # noqa: BLE001 - one by one, so one bad request fails alone
             if len(ready) == 1:
                 log.exception("encoding failed for job %s", ready[0][0].request_id)
@@ -189,7 +189,7 @@ class DecodeEngine(Stepping, Florence2Engine):
             beams = request.generation.num_beams
             self.free.sort()
             rows, self.free = self.free[:beams], self.free[beams:]  # the lowest rows: the step runs a prefix
-            source_length = int(masks[index].nonzero().max()) + 1  # through the last real token, whichever side pads
+            source_length = ends[index]  # through the last real token, whichever side pads
             self._load_rows(rows, request, states[index:index + 1, :source_length], masks[index:index + 1, :source_length])
             max_length = 1 + request.generation.max_new_tokens
             search = (self._beam_group(beams).join(max_length, rows) if beams > 1
@@ -204,10 +204,11 @@ class DecodeEngine(Stepping, Florence2Engine):
         return group
 
     def _encode(self, requests: list[InferenceRequest], prompts: list[str]):
-        """Encoder states [n, S, d] and masks [n, S] for the requests (image features from the cache)."""
+        """Encoder states [n, S, d] and masks [n, S] for the requests (image features from the cache), and
+        where each request's text ends (known on the host: reading it from the device mask would wait for it)."""
         model = self.loaded.model
         device = self.decoder.device
-        input_ids, mask = self._tokens(prompts)
+        input_ids, mask, ends = self._tokens(prompts)
         input_ids, mask = input_ids.to(device), mask.to(device)
         features = self._image_features(requests)
         with torch.inference_mode():
@@ -215,11 +216,11 @@ class DecodeEngine(Stepping, Florence2Engine):
             placeholder = (input_ids == model.config.image_token_id)[..., None]
             embeds = embeds.masked_scatter(placeholder, features.to(embeds.dtype))
             states = model.model.language_model.encoder(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        return states, mask
+        return states, mask, ends
 
-    def _tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """input_ids and attention_mask [n, L] of the encoder's text (image tokens, then the prompt), padded as
-        the tokenizer pads a batch. Each prompt is tokenized once while it stays in the cache, and without the
+        the tokenizer pads a batch, and the end of each row's text. Each prompt is tokenized once while it stays in the cache, and without the
         image tokens (577 for base and large), which made tokenizing cost about 0.9 ms a request on this thread."""
         processor = self.loaded.processor
         tokenizer = processor.tokenizer
@@ -245,11 +246,13 @@ class DecodeEngine(Stepping, Florence2Engine):
         width = max(len(tokens) for tokens in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ends = []
         for row, tokens in enumerate(rows):
             span = slice(width - len(tokens), width) if tokenizer.padding_side == "left" else slice(0, len(tokens))
             input_ids[row, span] = tokens
             mask[row, span] = 1
-        return input_ids, mask
+            ends.append(span.stop)
+        return input_ids, mask, ends
 
     def _image_features(self, requests: list[InferenceRequest]) -> torch.Tensor:
         keys = [r.image_key or f"id:{id(r)}" for r in requests]
