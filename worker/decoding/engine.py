@@ -220,8 +220,9 @@ class DecodeEngine(Stepping, Florence2Engine):
 
     def _tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """input_ids and attention_mask [n, L] of the encoder's text (image tokens, then the prompt), padded as
-        the tokenizer pads a batch, and the end of each row's text. Each prompt is tokenized once while it stays in the cache, and without the
-        image tokens (577 for base and large), which made tokenizing cost about 0.9 ms a request on this thread."""
+        the tokenizer pads a batch, and the end of each row's text. Each prompt is tokenized once while it stays
+        in the cache, and without the image tokens (577 for base and large), which made tokenizing cost about
+        0.9 ms a request on this thread."""
         processor = self.loaded.processor
         tokenizer = processor.tokenizer
         rows = []
