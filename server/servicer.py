@@ -1,14 +1,12 @@
 """The florence2.v1.Florence2Service implementation (grpc.aio): validation and status codes.
 
-Every failed call carries the rich error model (server/errors.py): Redis trouble is UNAVAILABLE
-(STORE_UNAVAILABLE, with RetryInfo), any other unexpected error INTERNAL; no library exception
-text reaches a client.
+Every failed call carries the rich error model (server/errors.py); every RPC is guarded by
+server/rpc_guard.py, so no library exception text reaches a client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import time
@@ -29,76 +27,15 @@ from florence2_serve.v1 import florence2_pb2_grpc as pb_grpc
 
 from . import convert, metrics, validation
 from .capabilities import ModelCapabilities
-from .errors import ServiceError, internal, invalid, not_found, store_unavailable, unavailable
+from .errors import ServiceError, invalid, not_found, unavailable
 from .events import BadEventId
 from .image_gate import ImageGate
-from .jobs import REDIS_ERRORS, EventIdOutOfRange, JobStore, NoWorker, UnknownJob, new_job_id, new_record
+from .jobs import EventIdOutOfRange, JobStore, NoWorker, UnknownJob, new_job_id, new_record
 from .more_tasks import more_task_request_id, more_task_specs
+from .rpc_guard import guarded_stream, guarded_unary
 from .settings import ServerSettings
 
 log = logging.getLogger(__name__)
-
-
-class _Answered:
-    """Counts an RPC in florence2_requests_total and times it (florence2_request_duration_seconds)."""
-
-    def __init__(self, name: str, context):
-        self.name, self.context, self.started = name, context, time.perf_counter()
-        self.code = grpc.StatusCode.OK
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, _tb):
-        if kind is not None and issubclass(kind, (asyncio.CancelledError, GeneratorExit)):
-            self.code = grpc.StatusCode.CANCELLED
-        elif kind is not None:  # aborted: the code the abort set (the guard set it too)
-            try:
-                self.code = self.context.code() or self.code
-            except (AttributeError, TypeError):
-                pass
-        metrics.REQUESTS.labels(self.name, self.code.name).inc()
-        metrics.REQUEST_SECONDS.labels(self.name).observe(time.perf_counter() - self.started)
-        return False
-
-    async def fail(self, exc: Exception) -> None:
-        """Answer with the rich error for `exc` (never library text) and record its code; raises AbortError."""
-        if isinstance(exc, ServiceError):
-            error = exc
-        elif isinstance(exc, REDIS_ERRORS):
-            error = store_unavailable()
-        else:
-            log.exception("%s failed", self.name)
-            error = internal()
-        self.code = error.code
-        await error.abort(self.context)
-
-
-def _guarded_unary(method):
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        with _Answered(method.__name__, context) as answered:
-            try:
-                return await method(self, request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                await answered.fail(exc)
-    return wrapper
-
-
-def _guarded_stream(method):
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        with _Answered(method.__name__, context) as answered:
-            try:
-                async for message in method(self, request, context):
-                    yield message
-            except grpc.aio.AbortError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                await answered.fail(exc)
-    return wrapper
 
 
 def _reused(request_id: str) -> ServiceError:
@@ -199,7 +136,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
 
     # -- RPCs ---------------------------------------------------------------------------------
 
-    @_guarded_unary
+    @guarded_unary
     async def Submit(self, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
         spec = request.job
         validation.check_request_id(spec.request_id)
@@ -225,7 +162,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         return pb.SubmitResponse(job_id=existing_id, created=False, state=state_to_proto(existing.state),
                                  more_job_ids=more_ids)
 
-    @_guarded_stream
+    @guarded_stream
     async def Run(self, request: pb.RunRequest, context):
         if request.job.more_tasks:
             raise invalid("job.more_tasks", "Run streams one job; submit several tasks on one image with Submit "
@@ -289,7 +226,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         task = asyncio.get_running_loop().create_task(cancel())
         self._background.add(task)
 
-    @_guarded_stream
+    @guarded_stream
     async def Watch(self, request: pb.WatchRequest, context):
         validation.check_job_id(request.job_id)
         try:
@@ -326,7 +263,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         except UnknownJob as exc:
             raise not_found(str(exc)) from None
 
-    @_guarded_unary
+    @guarded_unary
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
         if request.job_id and request.request_id:
             raise invalid("request_id", "give job_id or request_id, not both")
@@ -343,7 +280,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
         record, result = await self._get(job_id)
         return pb.GetJobResponse(job=convert.job_to_proto(record, result))
 
-    @_guarded_unary
+    @guarded_unary
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
         validation.check_job_id(request.job_id)
         wait_s = self.settings.cancel_wait_s
@@ -356,7 +293,7 @@ class Florence2Servicer(pb_grpc.Florence2ServiceServicer):
             raise not_found(str(exc)) from None
         return pb.CancelJobResponse(job_id=request.job_id, state=state_to_proto(state), cancelled=cancelled)
 
-    @_guarded_unary
+    @guarded_unary
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         limits = self.limits()
         response = pb.ListModelsResponse(limits=limits)
