@@ -17,6 +17,8 @@ and rq's bookkeeping change together.
   f2s:notify              pubsub every event as it is written: [job_id, event_id, type, state,
                                  time, error, result] * n, JSON (one reader per front end)
   f2s:wake:{m}            list   a token while model m has queued jobs: idle workers block on it
+  f2s:idle:{m}            zset   worker ids of model m whose model is idle -> when that lapses; busy
+                                 workers leave queued jobs to them (rq_bridge TAKE)
   f2s:worker:{wid}        hash   a live worker's description (expires unless heartbeated)
   f2s:model-workers:{m}   set    worker ids that served model m
   f2s:models              set    every model name a worker registered
@@ -117,6 +119,10 @@ def decode_result(text: str | bytes) -> bytes:
 
 def wake_key(model: str) -> str:
     return f"{PREFIX}:wake:{model}"
+
+
+def idle_key(model: str) -> str:
+    return f"{PREFIX}:idle:{model}"
 
 
 def check_priority(priority: int) -> int:

@@ -280,17 +280,31 @@ class ClosedJob:
     task: str  # "" when its data was gone
 
 
+class Taken(list):
+    """The jobs a take handed over, and how many queued jobs it left to idle workers (`deferred`)."""
+
+    deferred = 0
+
+
 def take(connection: redis.Redis, model: str, *, worker_name: str, worker_id: str, max_jobs: int,
          heartbeat_ttl: int, result_ttl: int, execution_prefix: str,
-         closed: list[ClosedJob] | None = None) -> list[TakenJob]:
+         closed: list[ClosedJob] | None = None, mode: str = "", idle_ttl: float = 0.0) -> Taken:
     """Up to max_jobs jobs of `model`, highest priority first; [] when its queues are empty. Jobs the
-    call ended instead of handing over are appended to `closed`, when given."""
+    call ended instead of handing over are appended to `closed`, when given.
+
+    mode "idle": the worker's model has nothing to do; if it gets nothing it is registered as idle
+    for idle_ttl seconds. mode "busy": it has; it takes only the queued jobs the idle workers of the
+    model cannot (the rest are `deferred`). Any take ends the worker's idle registration."""
     clock = Clock()
     reply = run_script(connection, "take", [
         max_jobs, worker_name, worker_id, clock.iso, repr(clock.ts), clock.int, heartbeat_ttl, execution_prefix,
-        layout.wake_key(model), result_ttl, _EXC_EXPIRED, _EXC_GONE, *layout.rq_queue_keys(model)])
-    taken = []
+        layout.wake_key(model), result_ttl, _EXC_EXPIRED, _EXC_GONE, layout.idle_key(model),
+        repr(clock.ts + idle_ttl), mode, *layout.rq_queue_keys(model)])
+    taken = Taken()
     for entry in reply:
+        if entry[0] == b"deferred":
+            taken.deferred = int(entry[1])
+            continue
         if entry[0] == b"closed":
             _, job_id, state, reason, spec = entry
             if closed is not None:
@@ -327,15 +341,17 @@ class Finished:
 
 
 def progress(connection: redis.Redis, ended: list[Finished], *, ttl: int, worker_name: str, worker_id: str,
-             worked_s: float, counters: tuple[str, int] = ("", 0)) -> None:
+             worked_s: float, counters: tuple[str, int] = ("", 0), idle: tuple[str, float] = ("", 0.0)) -> None:
     """Write the jobs the model started, then the jobs that ended (STARTED always goes first: a batch
-    starts before it ends); `counters` = (our worker registration key, generate calls to add)."""
+    starts before it ends); `counters` = (our worker registration key, generate calls to add); `idle`
+    = (the model's idle set key, seconds) registers a worker left with nothing to do as idle (see take)."""
     if not ended:
         return
     clock = Clock()
     started = [item.job.job_id for item in ended if item.outcome == "started"]
+    idle_key, idle_ttl = idle
     args = [ttl, repr(clock.ts), worker_name, clock.iso, clock.int, repr(clock.ts), repr(worked_s), *counters,
-            worker_id, len(started), *started]
+            worker_id, idle_key, repr(clock.ts + idle_ttl), len(started), *started]
     for item in ended:
         if item.outcome == "started":
             continue

@@ -227,8 +227,15 @@ end
 -- until the model starts them (PROGRESS writes STARTED). Returns {queue key, id, execution id,
 -- spec JSON, image} per job handed to the worker, and {'closed', id, state, reason, spec JSON} per job
 -- this call ended instead (the worker counts them in its metrics).
+-- Idle workers of the model are registered in a sorted set (member worker id, score the time their
+-- registration lapses). A worker whose model is idle (mode 'idle') that gets nothing is registered;
+-- any take unregisters its worker. A busy worker (mode 'busy') leaves as many queued jobs as there
+-- are idle workers to them, so that a job never waits behind a running batch while another worker
+-- idles: it gets {'deferred', n} for the n jobs it left and looks again later rather than block on
+-- the wake list (whose token the idle workers need).
 -- ARGV: max_n, worker, worker_id, iso, ts, now, heartbeat ttl, execution id prefix, wake key,
--- result ttl, rq exc_string for "expired", rq exc_string for "data gone", queue keys...
+-- result ttl, rq exc_string for "expired", rq exc_string for "data gone", idle set key, idle until,
+-- mode ('idle' | 'busy' | ''), queue keys...
 local function take_body(ARGV)
   enter(ARGV)
   local a = 2
@@ -236,10 +243,26 @@ local function take_body(ARGV)
   local iso, ts, now, hb_ttl = ARGV[a + 4], ARGV[a + 5], tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local exec_prefix, wake, ttl = ARGV[a + 8], ARGV[a + 9], tonumber(ARGV[a + 10])
   local exc_expired, exc_gone = ARGV[a + 11], ARGV[a + 12]
+  local idle_key, idle_until, mode = ARGV[a + 13], ARGV[a + 14], ARGV[a + 15]
+  local first_queue = a + 16
   local time = ts
   local out = {}
-  local taken = 0
-  for q = a + 13, #ARGV do
+  local taken, handed, deferred = 0, 0, 0
+  redis.call('ZREM', idle_key, worker_id)
+  if mode == 'busy' then
+    redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', '(' .. ts)
+    local idle_others = redis.call('ZCARD', idle_key)
+    if idle_others > 0 then
+      local queued = 0
+      for q = first_queue, #ARGV do queued = queued + redis.call('LLEN', ARGV[q]) end
+      local share = math.max(0, queued - idle_others)
+      if share < max_n then
+        deferred = math.min(max_n, queued) - share
+        max_n = share
+      end
+    end
+  end
+  for q = first_queue, #ARGV do
     local qkey = ARGV[q]
     local qname = string.sub(qkey, #RQ_QUEUE + 1)
     while taken < max_n do
@@ -269,16 +292,19 @@ local function take_body(ARGV)
           out[#out + 1] = {'closed', id, 'EXPIRED', 'DEADLINE_EXCEEDED', spec}
         else
           out[#out + 1] = {qkey, id, exec, spec, redis.call('GET', F2S .. ':image:' .. id) or ''}
+          handed = handed + 1
         end
       end
     end
   end
   -- Jobs left behind: ring again so another idle worker wakes for them.
   local left = false
-  for q = a + 13, #ARGV do
+  for q = first_queue, #ARGV do
     if redis.call('LLEN', ARGV[q]) > 0 then left = true; break end
   end
   if left then ring(wake) else redis.call('DEL', wake) end
+  if mode == 'idle' and handed == 0 then redis.call('ZADD', idle_key, idle_until, worker_id) end
+  if deferred > 0 then out[#out + 1] = {'deferred', deferred} end
   if taken > 0 then
     redis.call('HSET', RQ .. ':worker:' .. worker, 'state', 'busy')
     redis.call('EXPIRE', RQ .. ':worker:' .. worker .. ':executions', hb_ttl + 60)
@@ -291,9 +317,11 @@ end
 -- A worker's progress: jobs the model started (STARTED) and jobs that ended (their events and rq's
 -- bookkeeping in one atomic step, so a job whose terminal event is written is finished in rq too
 -- and can never be found abandoned and run again).
+-- A worker whose model has nothing left to do after these jobs registers as idle (see take).
 -- ARGV: ttl, time, worker, iso, now, ts, seconds worked, our worker key, generate calls, worker id,
--- n started, the ids of the jobs the model started, then per ended job 9 fields: id, queue key,
--- execution id, outcome (ok | failed | stopped), state, error, result, started ts, rq exc_string.
+-- idle set key ('' while the worker is busy), idle until, n started, the ids of the jobs the model
+-- started, then per ended job 9 fields: id, queue key, execution id, outcome (ok | failed | stopped),
+-- state, error, result, started ts, rq exc_string.
 local function progress_body(ARGV)
   enter(ARGV)
   local a = 2
@@ -301,8 +329,9 @@ local function progress_body(ARGV)
   local now, ts = tonumber(ARGV[a + 5]), ARGV[a + 6]
   local n_ok, n_failed, worked = 0, 0, tonumber(ARGV[a + 7])
   local our_worker, calls, worker_id = ARGV[a + 8], tonumber(ARGV[a + 9]), ARGV[a + 10]
-  local n_started = tonumber(ARGV[a + 11])
-  for i = a + 12, a + 11 + n_started do
+  local idle_key, idle_until = ARGV[a + 11], ARGV[a + 12]
+  local n_started = tonumber(ARGV[a + 13])
+  for i = a + 14, a + 13 + n_started do
     local id = ARGV[i]
     local current = job_state(id)
     if current and not TERMINAL[current] then
@@ -310,7 +339,7 @@ local function progress_body(ARGV)
       redis.call('HSET', F2S .. ':job:' .. id, 'state', 'RUNNING', 'worker_id', worker_id)
     end
   end
-  for i = a + 12 + n_started, #ARGV, 9 do
+  for i = a + 14 + n_started, #ARGV, 9 do
     local id, qkey, exec, outcome = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
     local state, err, result, started, exc = ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8]
     local qname = string.sub(qkey, #RQ_QUEUE + 1)
@@ -341,6 +370,7 @@ local function progress_body(ARGV)
     redis.call('HINCRBY', our_worker, 'jobs_done', n_ok + n_failed)
     if calls > 0 then redis.call('HINCRBY', our_worker, 'generate_calls', calls) end
   end
+  if idle_key ~= '' then redis.call('ZADD', idle_key, idle_until, worker_id) end
   publish()
   return n_ok + n_failed
 end

@@ -58,6 +58,9 @@ from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
+# How soon a fetcher that left queued jobs to idle workers looks again.
+DEFERRED_LOOK_AGAIN_S = 0.02
+
 
 class BatchWorker(ContinuousModelLoop, FinishingLoop):
     def __init__(self, connection: redis.Redis, settings: WorkerSettings, engine: Engine, description: dict):
@@ -174,7 +177,7 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                         self.connection, settings.model_name, worker_name=settings.worker_id,
                         worker_id=settings.worker_id, max_jobs=capacity, heartbeat_ttl=settings.job_heartbeat_ttl_s,
                         result_ttl=settings.result_ttl_s, execution_prefix=self._next_execution_prefix(),
-                        closed=closed)
+                        closed=closed, mode="idle" if idle else "busy", idle_ttl=settings.idle_registration_s)
                     outage.ok()
                     report_closed(settings.model_name, closed)
                 except REDIS_ERRORS as exc:
@@ -186,15 +189,30 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                     if len(taken) == capacity:
                         continue  # there may be more: take again as soon as there is room
                 if burst:
-                    if not taken:
+                    if not taken and not taken.deferred:
                         return
                     continue
+                deferred = taken.deferred
                 taken = closed = None  # the images are the model's now: not kept alive by an idle fetcher
+                if deferred:
+                    # Other workers idle: the queued jobs are theirs. Look again shortly (or once our
+                    # model is free) rather than block on the wake list, whose token they need.
+                    with self._ready_changed:
+                        self._ready_changed.wait(DEFERRED_LOOK_AGAIN_S)
+                    continue
                 self._wait_for_work()
         finally:
             with self._ready_changed:
                 self._fetch_done.set()
                 self._ready_changed.notify_all()
+            self._leave_idle()
+
+    def _leave_idle(self) -> None:
+        """A worker that takes no more jobs is not idle for the others to wait on."""
+        try:
+            self.connection.zrem(layout.idle_key(self.settings.model_name), self.settings.worker_id)
+        except REDIS_ERRORS:
+            pass  # the registration lapses by itself
 
     def _take_lost_jobs(self) -> None:
         """Jobs our maintenance just put back at the front of their queues (their worker was lost) are
@@ -310,11 +328,13 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                 running = metrics.RUNNING_JOBS.labels(settings.model_name)
                 metrics.BATCH_SIZE.labels(settings.model_name).observe(len(runnable))
                 running.set(len(runnable))
-                self._finishing.put(Batch(runnable, self._run(runnable)))
+                outcomes = self._run(runnable)
                 running.set(0)
+                self._busy = False  # before the finisher sees the batch: it tells Redis when we are idle
+                self._finishing.put(Batch(runnable, outcomes))
             self._busy = False
             # Not held while waiting for the next batch: an idle worker keeps no decoded image alive.
-            batch = runnable = held = None
+            batch = runnable = held = outcomes = None
 
     def _start(self, batch: list[Held]) -> list[Held]:
         """The jobs of `batch` the model runs now (STARTED is written for them); the others end here."""

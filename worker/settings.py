@@ -85,6 +85,12 @@ class WorkerSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    @property
+    def idle_registration_s(self) -> float:
+        """How long the worker stays registered as idle (rq_bridge TAKE) without renewing it: an idle
+        worker renews it every wake timeout; one that died lapses soon after."""
+        return 2 * self.wake_timeout_s + 1.0
+
     def __post_init__(self):
         if not 1 <= self.batch_size <= 256:
             raise ValueError(f"batch size must be between 1 and 256, got {self.batch_size}")
