@@ -188,10 +188,8 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                     self._admit(taken)
                     if len(taken) == capacity:
                         continue  # there may be more: take again as soon as there is room
-                if burst:
-                    if not taken and not taken.deferred:
-                        return
-                    continue
+                if burst and not taken and not taken.deferred:
+                    return
                 deferred = taken.deferred
                 taken = closed = None  # the images are the model's now: not kept alive by an idle fetcher
                 if deferred:
@@ -200,7 +198,8 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                     with self._ready_changed:
                         self._ready_changed.wait(DEFERRED_LOOK_AGAIN_S)
                     continue
-                self._wait_for_work()
+                if not burst:
+                    self._wait_for_work()
         finally:
             with self._ready_changed:
                 self._fetch_done.set()
