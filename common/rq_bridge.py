@@ -288,18 +288,20 @@ class Taken(list):
 
 def take(connection: redis.Redis, model: str, *, worker_name: str, worker_id: str, max_jobs: int,
          heartbeat_ttl: int, result_ttl: int, execution_prefix: str,
-         closed: list[ClosedJob] | None = None, mode: str = "", idle_ttl: float = 0.0) -> Taken:
+         closed: list[ClosedJob] | None = None, mode: str = "", idle_ttl: float = 0.0,
+         leave_per_idle: int = 1) -> Taken:
     """Up to max_jobs jobs of `model`, highest priority first; [] when its queues are empty. Jobs the
     call ended instead of handing over are appended to `closed`, when given.
 
     mode "idle": the worker's model has nothing to do; if it gets nothing it is registered as idle
-    for idle_ttl seconds. mode "busy": it has; it takes only the queued jobs the idle workers of the
-    model cannot (the rest are `deferred`). Any take ends the worker's idle registration."""
+    for idle_ttl seconds. mode "busy": it has; it leaves up to leave_per_idle queued jobs to each idle
+    worker of the model and takes only the rest (what it left is `deferred`). Any take ends the
+    worker's idle registration."""
     clock = Clock()
     reply = run_script(connection, "take", [
         max_jobs, worker_name, worker_id, clock.iso, repr(clock.ts), clock.int, heartbeat_ttl, execution_prefix,
         layout.wake_key(model), result_ttl, _EXC_EXPIRED, _EXC_GONE, layout.idle_key(model),
-        repr(clock.ts + idle_ttl), mode, *layout.rq_queue_keys(model)])
+        repr(clock.ts + idle_ttl), mode, leave_per_idle, *layout.rq_queue_keys(model)])
     taken = Taken()
     for entry in reply:
         if entry[0] == b"deferred":

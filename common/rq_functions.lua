@@ -229,13 +229,13 @@ end
 -- this call ended instead (the worker counts them in its metrics).
 -- Idle workers of the model are registered in a sorted set (member worker id, score the time their
 -- registration lapses). A worker whose model is idle (mode 'idle') that gets nothing is registered;
--- any take unregisters its worker. A busy worker (mode 'busy') leaves as many queued jobs as there
--- are idle workers to them, so that a job never waits behind a running batch while another worker
--- idles: it gets {'deferred', n} for the n jobs it left and looks again later rather than block on
--- the wake list (whose token the idle workers need).
+-- any take unregisters its worker. A busy worker (mode 'busy') leaves up to `per idle` queued jobs
+-- for each idle worker (its own batch size: workers of a model are alike), so that a job never waits
+-- behind a running batch while another worker idles: it gets {'deferred', n} for the n jobs it left
+-- and looks again later rather than block on the wake list (whose token the idle workers need).
 -- ARGV: max_n, worker, worker_id, iso, ts, now, heartbeat ttl, execution id prefix, wake key,
 -- result ttl, rq exc_string for "expired", rq exc_string for "data gone", idle set key, idle until,
--- mode ('idle' | 'busy' | ''), queue keys...
+-- mode ('idle' | 'busy' | ''), jobs to leave per idle worker (busy mode), queue keys...
 local function take_body(ARGV)
   enter(ARGV)
   local a = 2
@@ -244,7 +244,8 @@ local function take_body(ARGV)
   local exec_prefix, wake, ttl = ARGV[a + 8], ARGV[a + 9], tonumber(ARGV[a + 10])
   local exc_expired, exc_gone = ARGV[a + 11], ARGV[a + 12]
   local idle_key, idle_until, mode = ARGV[a + 13], ARGV[a + 14], ARGV[a + 15]
-  local first_queue = a + 16
+  local per_idle = tonumber(ARGV[a + 16])
+  local first_queue = a + 17
   local time = ts
   local out = {}
   local taken, handed, deferred = 0, 0, 0
@@ -255,7 +256,7 @@ local function take_body(ARGV)
     if idle_others > 0 then
       local queued = 0
       for q = first_queue, #ARGV do queued = queued + redis.call('LLEN', ARGV[q]) end
-      local share = math.max(0, queued - idle_others)
+      local share = math.max(0, queued - idle_others * per_idle)
       if share < max_n then
         deferred = math.min(max_n, queued) - share
         max_n = share

@@ -53,9 +53,11 @@ def submit(valkey, tiny_png):
     return do
 
 
-def take(connection, worker: str, max_jobs: int, mode: str, idle_ttl: float = 5.0) -> rq_bridge.Taken:
+def take(connection, worker: str, max_jobs: int, mode: str, idle_ttl: float = 5.0,
+         leave_per_idle: int = 1) -> rq_bridge.Taken:
     return rq_bridge.take(connection, MODEL, worker_name=worker, worker_id=worker, max_jobs=max_jobs, heartbeat_ttl=30,
-                          result_ttl=OPTIONS.ttl, execution_prefix=f"{worker}-x", mode=mode, idle_ttl=idle_ttl)
+                          result_ttl=OPTIONS.ttl, execution_prefix=f"{worker}-x", mode=mode, idle_ttl=idle_ttl,
+                          leave_per_idle=leave_per_idle)
 
 
 def idle_workers(connection) -> set[str]:
@@ -78,6 +80,20 @@ def test_a_busy_worker_leaves_as_many_queued_jobs_as_there_are_idle_workers(conn
     second = take(connection, "idle-b", 4, "idle")
     assert [job.job_id for job in second] == queued[2:]
     assert idle_workers(connection) == set()
+
+
+def test_a_busy_worker_leaves_a_batch_to_each_idle_worker_and_takes_the_rest(connection, submit):
+    take(connection, "idle-a", 4, "idle")
+    queued = submit(10)
+    busy = take(connection, "busy", 8, "busy", leave_per_idle=4)
+    assert [job.job_id for job in busy] == queued[:6] and busy.deferred == 2  # 4 left: 2 fewer than it could take
+    idle = take(connection, "idle-a", 4, "idle")
+    assert [job.job_id for job in idle] == queued[6:]
+    assert take(connection, "idle-a", 4, "idle") == []  # idle again
+    fewer = submit(3)
+    held_back = take(connection, "busy", 8, "busy", leave_per_idle=4)
+    assert held_back == [] and held_back.deferred == 3  # all of them fit the idle worker's batch
+    assert [job.job_id for job in take(connection, "idle-a", 4, "idle")] == fewer
 
 
 def test_a_busy_worker_takes_everything_when_no_worker_is_idle(connection, submit):

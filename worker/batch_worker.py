@@ -177,7 +177,8 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                         self.connection, settings.model_name, worker_name=settings.worker_id,
                         worker_id=settings.worker_id, max_jobs=capacity, heartbeat_ttl=settings.job_heartbeat_ttl_s,
                         result_ttl=settings.result_ttl_s, execution_prefix=self._next_execution_prefix(),
-                        closed=closed, mode="idle" if idle else "busy", idle_ttl=settings.idle_registration_s)
+                        closed=closed, mode="idle" if idle else "busy", idle_ttl=settings.idle_registration_s,
+                        leave_per_idle=settings.batch_size)
                     outage.ok()
                     report_closed(settings.model_name, closed)
                 except REDIS_ERRORS as exc:
