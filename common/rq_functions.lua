@@ -250,8 +250,9 @@ local function take_body(ARGV)
   local out = {}
   local taken, handed, deferred = 0, 0, 0
   redis.call('ZREM', idle_key, worker_id)
+  -- Lapsed registrations (workers that died idle) go at every take, so the set never outgrows the live workers.
+  redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', '(' .. ts)
   if mode == 'busy' then
-    redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', '(' .. ts)
     local idle_others = redis.call('ZCARD', idle_key)
     if idle_others > 0 then
       local queued = 0

@@ -111,6 +111,12 @@ def test_a_lapsed_idle_registration_is_not_waited_for(connection, submit):
     assert idle_workers(connection) == set()  # and swept away
 
 
+def test_an_idle_take_sweeps_away_the_registrations_of_workers_that_died_idle(connection):
+    assert take(connection, "died", 4, "idle", idle_ttl=-1.0) == []
+    assert take(connection, "alive", 4, "idle") == []
+    assert idle_workers(connection) == {"alive"}
+
+
 def test_a_plain_take_neither_registers_nor_defers(connection, submit):
     assert take(connection, "plain", 4, "") == []
     assert idle_workers(connection) == set()
