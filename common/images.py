@@ -180,7 +180,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
         raise ImageError(f"image data is corrupt or truncated ({source_format})") from None
     if source_format in EXIF_FORMATS or "exif" in image.info:  # a PNG's eXIf chunk lands in info
         try:
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # (not in place, it copies every upright image)
         except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
             pass
     image = _to_rgb(image)

@@ -29,6 +29,7 @@ from typing import Any
 from florence2_serve.common.images import ImageError, decode_image
 
 from .os_hooks import die_with_parent
+from .pixel_maker import PixelMaker
 
 log = logging.getLogger(__name__)
 
@@ -55,35 +56,30 @@ class PreparationFailed(RuntimeError):
         self.died = died
 
 
-_processor = None  # in a preparation process: the model's image processor
+_maker: PixelMaker | None = None  # in a preparation process: the model's pixels
 
 
-def _start(processor, parent: int) -> None:
+def _start(maker: PixelMaker, parent: int) -> None:
     """A preparation process's start: it dies with the worker (even a SIGKILLed one) and leaves Ctrl-C to it."""
-    global _processor
-    _processor = processor
+    global _maker
+    _maker = maker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker drains on Ctrl-C and stops us itself
     if not die_with_parent(signal.SIGKILL, parent):
         os._exit(1)
 
 
 def _started() -> bool:
-    return _processor is not None
+    return _maker is not None
 
 
-def _pixels(processor, image):
-    values = processor([image], return_tensors="pt")["pixel_values"][0]
-    return values.numpy()
-
-
-def _make(processor, data: bytes):
+def _make(maker: PixelMaker, data: bytes):
     """(decoded image, pixels), or the ImageError or PreparationFailed that says why not."""
     try:
         image = decode_image(data)
     except ImageError as exc:
         return exc
     try:
-        return image, _pixels(processor, image)
+        return image, maker(image)
     except Exception as exc:  # noqa: BLE001 - one image's failure fails its job only
         log.exception("the image processor failed on a %dx%d image", *image.size)
         return PreparationFailed(f"the image could not be made into the model's pixels ({type(exc).__name__})")
@@ -91,7 +87,7 @@ def _make(processor, data: bytes):
 
 def _prepare_in_process(data: bytes):
     """Runs in a preparation process: (size, pixels), or why not (the decoded image stays here)."""
-    made = _make(_processor, data)
+    made = _make(_maker, data)
     return made if isinstance(made, Exception) else (made[0].size, made[1])
 
 
@@ -107,7 +103,7 @@ class PixelPreparer:
     why not. Thread-safe (the fetcher and the main thread's lost-job pickup both prepare)."""
 
     def __init__(self, processor, workers: int = 0):
-        self.processor, self.workers = processor, workers
+        self.maker, self.workers = PixelMaker(processor), workers
         self.pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         if workers:
@@ -120,7 +116,7 @@ class PixelPreparer:
         try:
             pool = concurrent.futures.ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start,
-                initargs=(self.processor, os.getpid()))
+                initargs=(self.maker, os.getpid()))
             started = [pool.submit(_started) for _ in range(self.workers)]
             if not all(future.result() for future in started):
                 raise RuntimeError("an image preparation process did not start")
@@ -149,7 +145,7 @@ class PixelPreparer:
         return results
 
     def _prepare_here(self, data: bytes) -> Prepared | ImageError | PreparationFailed:
-        made = _make(self.processor, data)
+        made = _make(self.maker, data)
         return made if isinstance(made, Exception) else Prepared(*made)
 
     def _prepare_in_pool(self, pool, images: list[bytes]) -> list[Prepared | ImageError | PreparationFailed]:
