@@ -72,6 +72,16 @@ def model_thread_samples(raw: Path) -> dict[str, int]:
     return counts
 
 
+def thread_samples(raw: Path) -> dict[str, int]:
+    """Samples per thread name (py-spy's `thread (tid): name` head), e.g. of the GIL held."""
+    counts: dict[str, int] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        name = stack.split(";", 1)[0].split("): ", 1)[-1]
+        counts[name] = counts.get(name, 0) + int(count)
+    return counts
+
+
 def scrape(port: int) -> dict[str, float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     totals: dict[str, float] = {}
@@ -171,6 +181,7 @@ def main() -> None:
                                               for key in timed_after[name]} for name in timed_after}}
             if flags is not None:
                 windows[mode]["samples"] = model_thread_samples(raw)
+                windows[mode]["threads"] = thread_samples(raw)
     finally:
         if load is not None:
             load.running = False
@@ -199,13 +210,17 @@ def summarize(windows: dict, args) -> dict:
     for name in sorted(windows["all"]["samples"], key=lambda n: -windows["all"]["samples"][n]):
         activities[name] = {mode: 1000 * windows[mode]["samples"].get(name, 0) / rate / max(1, windows[mode]["steps"])
                             for mode in ("all", "gil")}
+    gil = windows["gil"]
+    threads = {name: 1000 * count / rate / max(1, gil["jobs"])
+               for name, count in sorted(gil["threads"].items(), key=lambda item: -item[1])}
     return {"meta": {"python": platform.python_version(), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
                      "date": time.strftime("%Y-%m-%d %H:%M"), "label": args.label, "py_spy_rate": rate},
             "jobs_per_s": {mode: w["jobs"] / w["seconds"] for mode, w in windows.items()},
             "steps_per_s": {mode: w["steps"] / w["seconds"] for mode, w in windows.items()},
             "requests_per_step": {mode: w["jobs"] * args.new_tokens / max(1, w["steps"])
                                   for mode, w in windows.items()},
-            "per_step": timed, "activities_ms_per_step": activities, "windows": windows}
+            "per_step": timed, "activities_ms_per_step": activities, "gil_ms_per_job_by_thread": threads,
+            "windows": windows}
 
 
 def print_report(report: dict) -> None:
@@ -221,6 +236,10 @@ def print_report(report: dict) -> None:
     print("|---|---|---|")
     for name, row in report["activities_ms_per_step"].items():
         print(f"| {name} | {row['all']:.3f} | {row['gil']:.3f} |")
+    print("\n| worker thread | holding the GIL, ms per job |")
+    print("|---|---|")
+    for name, ms in report["gil_ms_per_job_by_thread"].items():
+        print(f"| {name} | {ms:.3f} |")
 
 
 def _free_port() -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from bench_gil import activity, distinct_jpeg, model_thread_samples  # noqa: E402
+from bench_gil import activity, distinct_jpeg, model_thread_samples, thread_samples  # noqa: E402
 
 
 def test_image_variants_decode_to_the_same_pixels_with_distinct_bytes():
@@ -40,3 +40,4 @@ def test_py_spy_stacks_are_sorted_by_what_the_model_thread_was_doing(tmp_path):
     raw.write_text("\n".join(lines) + "\n")
     assert model_thread_samples(raw) == {"step": 5, "post-process": 2, "admit": 3, "wait for work": 4, "take": 1}
     assert activity("thread (7): florence2-model;Thread.run (threading.py:982)") == "other"
+    assert thread_samples(raw) == {"florence2-model": 15, "florence2-fetcher": 9}

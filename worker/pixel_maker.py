@@ -5,7 +5,8 @@ GIL: each Python call it makes is time a decoding step may wait. Calling transfo
 about 650 Python calls per image (keyword merging and validation, grouping images by shape, a batch
 feature) around five torch operations. For the configuration Florence-2's checkpoints use with the
 torchvision backend (resize to a fixed height and width, no crop, no padding, rescale and normalise), the
-maker runs those operations itself, in the same order with the same arguments: about 130 Python calls.
+maker runs those operations itself: about 130 Python calls, and it resizes the image where it lies instead
+of first copying it into channels-first order (the same numbers, a 640x480 photo 3-4 times faster).
 
 Numbers must not change, so the maker checks itself when it is built: it makes pixels both ways for a test
 image and keeps its own path only if they are bitwise equal; any other processor, configuration or image
@@ -84,6 +85,8 @@ class PixelMaker:
         import torchvision.transforms.v2.functional as tvF
 
         direct = self.direct
-        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
+        # The processor copies the image into channels-first order before resizing it. Resizing the
+        # channels-last view gives the same numbers (the self-check holds it to that) 3-4 times faster.
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         pixels = tvF.resize(pixels[None], direct["size"], interpolation=direct["interpolation"], antialias=True)
         return tvF.normalize(pixels.to(torch.float32), direct["mean"], direct["std"], inplace=True)[0].numpy()

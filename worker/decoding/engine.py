@@ -16,6 +16,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -26,6 +27,7 @@ from florence2_serve.common.tasks import Task
 
 from ..engine import Florence2Engine
 from ..inference import InferenceOutcome, InferenceRequest
+from ..pixel_maker import PixelMaker
 from .logits import Specials
 from .search import BeamGroup, GreedySearch, GroupedBeam
 from .static_decoder import StaticDecoder
@@ -284,11 +286,14 @@ class DecodeEngine(Stepping, Florence2Engine):
         """The image processor whose output a request may bring along as `pixels` (worker/pixels.py)."""
         return self.loaded.processor.image_processor
 
+    @cached_property
+    def _pixel_maker(self) -> PixelMaker:
+        return PixelMaker(self.pixel_processor)
+
     def _pixels(self, requests: list[InferenceRequest]) -> torch.Tensor:
         """Pixel values [n, 3, H, W]: those the requests bring, the processor's for the others."""
-        todo = [r for r in requests if r.pixels is None]
-        made = iter(self.pixel_processor([r.image for r in todo], return_tensors="pt")["pixel_values"] if todo else [])
-        return torch.stack([torch.as_tensor(r.pixels) if r.pixels is not None else next(made) for r in requests])
+        return torch.stack([torch.as_tensor(r.pixels if r.pixels is not None else self._pixel_maker(r.image))
+                            for r in requests])
 
     def _reserve(self, rows_needed: int, length: int, source: int) -> None:
         """Grow the decoder and the per-row state so that `rows_needed` more rows are free."""
