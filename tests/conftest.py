@@ -114,6 +114,16 @@ def valkey(valkey_factory):
     return valkey_factory()
 
 
+@pytest.fixture
+def connection(valkey):
+    """A redis-py client of the test's valkey."""
+    import redis
+
+    client = redis.Redis.from_url(valkey.connection_url)
+    yield client
+    client.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_png() -> bytes:
     """A 16x16 PNG: the cheapest valid image, for tests about the service rather than the model."""

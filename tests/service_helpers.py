@@ -19,6 +19,22 @@ from florence2_serve.server.settings import ServerSettings
 from florence2_serve.server.stack import FrontEndThread
 
 
+def enqueue_directly(redis_url: str, record, image: bytes, options) -> str:
+    """Enqueue `record` through the front end's enqueue function, with no front end: its job id."""
+    from florence2_serve.common import rq_bridge
+    from florence2_serve.server.redis_pipe import PipelinedRedis
+
+    async def go():
+        pipe = PipelinedRedis(redis_url)
+        try:
+            enqueued = await rq_bridge.enqueue(pipe, record, image, "digest", ttl=options.ttl, max_depth=1000,
+                                               templates=rq_bridge.JobTemplates(options), priority=record.priority)
+            return enqueued.job_id
+        finally:
+            await pipe.close()
+    return asyncio.run(go())
+
+
 def start_front_end(redis_url: str, **settings) -> FrontEndThread:
     """An in-process front end: gRPC and (unless http_port=-1) HTTP on free ports."""
     front = FrontEndThread(ServerSettings.from_env(environ={}, redis_url=redis_url, address="127.0.0.1:0",

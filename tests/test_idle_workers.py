@@ -6,50 +6,28 @@ two single-job workers, two jobs submitted back to back, and each runs at once o
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from florence2_serve.client import Florence2Client, job_spec
 from florence2_serve.common import redis_layout as layout
 from florence2_serve.common import rq_bridge
 from florence2_serve.common.redis_layout import JobRecord
-from florence2_serve.server.redis_pipe import PipelinedRedis
 from florence2_serve.v1 import florence2_pb2 as pb
-from service_helpers import hold, types_of, wait_for
+from service_helpers import enqueue_directly, hold, types_of, wait_for
 
 MODEL = "idlers"
 OPTIONS = rq_bridge.JobOptions(timeout=600, ttl=3600, max_retries=2)
 
 
 @pytest.fixture
-def connection(valkey):
-    client = redis.Redis.from_url(valkey.connection_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def submit(valkey, tiny_png):
-    templates = rq_bridge.JobTemplates(OPTIONS)
-
     def do(count: int) -> list[str]:
-        async def go():
-            pipe = PipelinedRedis(valkey.connection_url)
-            try:
-                ids = []
-                for _ in range(count):
-                    record = JobRecord(job_id=f"job-{time.monotonic_ns()}", model=MODEL, task="<CAPTION>")
-                    enqueued = await rq_bridge.enqueue(pipe, record, tiny_png, "digest", ttl=OPTIONS.ttl,
-                                                       max_depth=1000, templates=templates, priority=0)
-                    ids.append(enqueued.job_id)
-                return ids
-            finally:
-                await pipe.close()
-        return asyncio.run(go())
+        return [enqueue_directly(valkey.connection_url,
+                                 JobRecord(job_id=f"job-{time.monotonic_ns()}", model=MODEL, task="<CAPTION>"),
+                                 tiny_png, OPTIONS) for _ in range(count)]
     return do
 
 

@@ -12,7 +12,6 @@ import time
 import zlib
 
 import pytest
-import redis
 from rq import Queue, Retry, Callback
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
@@ -27,6 +26,7 @@ from florence2_serve.server.redis_pipe import PipelinedRedis
 from florence2_serve.worker.batch_worker import BatchWorker
 from florence2_serve.worker.noop import NoopEngine
 from florence2_serve.worker.settings import WorkerSettings
+from service_helpers import enqueue_directly
 
 MODEL = "contract"
 OPTIONS = rq_bridge.JobOptions(timeout=600, ttl=3600, max_retries=2)
@@ -45,29 +45,12 @@ class FakeEngine(NoopEngine):
 
 
 @pytest.fixture
-def connection(valkey):
-    client = redis.Redis.from_url(valkey.connection_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def submit(valkey, tiny_png):
     """submit(priority=0, text='', job_id=None) -> job id, through the front end's enqueue function."""
-    templates = rq_bridge.JobTemplates(OPTIONS)
-
     def do(priority: int = 0, text: str = "", job_id: str | None = None, task: str = "<CAPTION>") -> str:
-        async def go():
-            pipe = PipelinedRedis(valkey.connection_url)
-            try:
-                record = JobRecord(job_id=job_id or f"job-{time.monotonic_ns()}", model=MODEL, task=task, text=text,
-                                   priority=priority)
-                enqueued = await rq_bridge.enqueue(pipe, record, tiny_png, "digest", ttl=OPTIONS.ttl, max_depth=1000,
-                                                   templates=templates, priority=priority)
-                return enqueued.job_id
-            finally:
-                await pipe.close()
-        return asyncio.run(go())
+        record = JobRecord(job_id=job_id or f"job-{time.monotonic_ns()}", model=MODEL, task=task, text=text,
+                           priority=priority)
+        return enqueue_directly(valkey.connection_url, record, tiny_png, OPTIONS)
     return do
 
 
