@@ -319,7 +319,8 @@ end
 -- A worker's progress: jobs the model started (STARTED) and jobs that ended (their events and rq's
 -- bookkeeping in one atomic step, so a job whose terminal event is written is finished in rq too
 -- and can never be found abandoned and run again).
--- A worker whose model has nothing left to do after these jobs registers as idle (see take).
+-- A worker whose model has nothing left to do after these jobs, and that holds no other job, registers
+-- as idle (see take).
 -- ARGV: ttl, time, worker, iso, now, ts, seconds worked, our worker key, generate calls, worker id,
 -- idle set key ('' while the worker is busy), idle until, n started, the ids of the jobs the model
 -- started, then per ended job 9 fields: id, queue key, execution id, outcome (ok | failed | stopped),
@@ -372,7 +373,10 @@ local function progress_body(ARGV)
     redis.call('HINCRBY', our_worker, 'jobs_done', n_ok + n_failed)
     if calls > 0 then redis.call('HINCRBY', our_worker, 'generate_calls', calls) end
   end
-  if idle_key ~= '' then redis.call('ZADD', idle_key, idle_until, worker_id) end
+  -- Only while it holds no job: its fetcher may have taken one since the worker found itself idle.
+  if idle_key ~= '' and redis.call('SCARD', RQ .. ':worker:' .. worker .. ':executions') == 0 then
+    redis.call('ZADD', idle_key, idle_until, worker_id)
+  end
   publish()
   return n_ok + n_failed
 end

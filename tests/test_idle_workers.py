@@ -114,6 +114,20 @@ def test_a_worker_whose_model_finished_its_last_job_registers_as_idle(connection
     assert [e.type.value for e in layout.read_events(connection, job.job_id)][-1] == "DONE"
 
 
+def test_a_worker_that_took_a_job_meanwhile_is_not_registered_as_idle(connection, submit):
+    """The finisher finds the model idle, then the fetcher takes a job before the progress call lands."""
+    submit(2)
+    first, second = take(connection, "w", 1, "busy"), take(connection, "w", 1, "busy")
+    ended = [rq_bridge.Finished(first[0], "ok", layout.JobState.SUCCEEDED.value, result=pb.Result())]
+    rq_bridge.progress(connection, ended, ttl=OPTIONS.ttl, worker_name="w", worker_id="w", worked_s=0.1,
+                       idle=(layout.idle_key(MODEL), 5.0))
+    assert idle_workers(connection) == set()
+    ended = [rq_bridge.Finished(second[0], "ok", layout.JobState.SUCCEEDED.value, result=pb.Result())]
+    rq_bridge.progress(connection, ended, ttl=OPTIONS.ttl, worker_name="w", worker_id="w", worked_s=0.1,
+                       idle=(layout.idle_key(MODEL), 5.0))
+    assert idle_workers(connection) == {"w"}
+
+
 @pytest.mark.slow
 def test_two_jobs_submitted_together_run_at_once_on_two_single_job_workers(valkey, front_end_factory,
                                                                           worker_factory):
