@@ -136,8 +136,8 @@ def test_two_jobs_submitted_together_run_at_once_on_two_single_job_workers(valke
                               worker_id=f"pair-w{i}") for i in (1, 2)]
     png = (Path(__file__).resolve().parent.parent / "examples" / "sign.png").read_bytes()
     with Florence2Client(f"127.0.0.1:{front.port}", timeout=30) as client:
-        for round_ in range(10):
-            jobs = [client.submit(job_spec(png, "pair", "CAPTION", **hold(800))).job_id for _ in range(2)]
+        for round_ in range(6):
+            jobs = [client.submit(job_spec(png, "pair", "CAPTION", **hold(600))).job_id for _ in range(2)]
             wait_for(lambda: all(client.get_job(j).state == pb.JOB_STATE_RUNNING for j in jobs), timeout=10,
                      message=f"round {round_}: both jobs running at once")
             assert {client.get_job(j).worker_id for j in jobs} == {w.worker_id for w in workers}
