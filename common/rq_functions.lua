@@ -231,8 +231,10 @@ end
 -- registration lapses). A worker whose model is idle (mode 'idle') that gets nothing is registered;
 -- any take unregisters its worker. A busy worker (mode 'busy') leaves up to `per idle` queued jobs
 -- for each idle worker (its own batch size: workers of a model are alike), so that a job never waits
--- behind a running batch while another worker idles: it gets {'deferred', n} for the n jobs it left
--- and looks again later rather than block on the wake list (whose token the idle workers need).
+-- behind a running batch while another worker idles. The jobs it leaves are the first in priority and
+-- queue order (they run at once on the idle workers; it takes the ones after them), it gets
+-- {'deferred', n} for the n jobs it left that it could have taken, and it looks again later rather
+-- than block on the wake list (whose token the idle workers need).
 -- ARGV: max_n, worker, worker_id, iso, ts, now, heartbeat ttl, execution id prefix, wake key,
 -- result ttl, rq exc_string for "expired", rq exc_string for "data gone", idle set key, idle until,
 -- mode ('idle' | 'busy' | ''), jobs to leave per idle worker (busy mode), queue keys...
@@ -248,7 +250,7 @@ local function take_body(ARGV)
   local first_queue = a + 17
   local time = ts
   local out = {}
-  local taken, handed, deferred = 0, 0, 0
+  local taken, handed, deferred, skip = 0, 0, 0, 0
   redis.call('ZREM', idle_key, worker_id)
   -- Lapsed registrations (workers that died idle) go at every take, so the set never outgrows the live workers.
   redis.call('ZREMRANGEBYSCORE', idle_key, '-inf', '(' .. ts)
@@ -257,7 +259,9 @@ local function take_body(ARGV)
     if idle_others > 0 then
       local queued = 0
       for q = first_queue, #ARGV do queued = queued + redis.call('LLEN', ARGV[q]) end
-      local share = math.max(0, queued - idle_others * per_idle)
+      -- The jobs at the head (the highest priority, the oldest) are theirs: they run at once there.
+      skip = math.min(queued, idle_others * per_idle)
+      local share = queued - skip
       if share < max_n then
         deferred = math.min(max_n, queued) - share
         max_n = share
@@ -268,7 +272,15 @@ local function take_body(ARGV)
     local qkey = ARGV[q]
     local qname = string.sub(qkey, #RQ_QUEUE + 1)
     while taken < max_n do
-      local id = redis.call('LPOP', qkey)
+      local id
+      if skip > 0 then
+        local length = redis.call('LLEN', qkey)
+        if skip >= length then skip = skip - length; break end
+        id = redis.call('LINDEX', qkey, skip)
+        redis.call('LREM', qkey, 1, id)
+      else
+        id = redis.call('LPOP', qkey)
+      end
       if not id then break end
       if redis.call('EXISTS', RQ .. ':job:' .. id) == 1 then
         taken = taken + 1

@@ -24,9 +24,10 @@ OPTIONS = rq_bridge.JobOptions(timeout=600, ttl=3600, max_retries=2)
 
 @pytest.fixture
 def submit(valkey, tiny_png):
-    def do(count: int) -> list[str]:
+    def do(count: int, priority: int = 0) -> list[str]:
         return [enqueue_directly(valkey.connection_url,
-                                 JobRecord(job_id=f"job-{time.monotonic_ns()}", model=MODEL, task="<CAPTION>"),
+                                 JobRecord(job_id=f"job-{time.monotonic_ns()}", model=MODEL, task="<CAPTION>",
+                                           priority=priority),
                                  tiny_png, OPTIONS) for _ in range(count)]
     return do
 
@@ -48,15 +49,15 @@ def test_a_busy_worker_leaves_as_many_queued_jobs_as_there_are_idle_workers(conn
     assert idle_workers(connection) == {"idle-a", "idle-b"}
     queued = submit(3)
     busy = take(connection, "busy", 4, "busy")
-    assert [job.job_id for job in busy] == queued[:1] and busy.deferred == 2
-    assert connection.llen(layout.wake_key(MODEL)) == 1  # the idle workers are woken for the rest
+    assert [job.job_id for job in busy] == queued[2:] and busy.deferred == 2  # the first two are theirs
+    assert connection.llen(layout.wake_key(MODEL)) == 1  # the idle workers are woken for them
     again = take(connection, "busy", 4, "busy")
     assert again == [] and again.deferred == 2
     first = take(connection, "idle-a", 1, "idle")
-    assert [job.job_id for job in first] == queued[1:2] and first.deferred == 0
+    assert [job.job_id for job in first] == queued[:1] and first.deferred == 0
     assert idle_workers(connection) == {"idle-b"}  # taking ends the registration
     second = take(connection, "idle-b", 4, "idle")
-    assert [job.job_id for job in second] == queued[2:]
+    assert [job.job_id for job in second] == queued[1:2]
     assert idle_workers(connection) == set()
 
 
@@ -64,14 +65,24 @@ def test_a_busy_worker_leaves_a_batch_to_each_idle_worker_and_takes_the_rest(con
     take(connection, "idle-a", 4, "idle")
     queued = submit(10)
     busy = take(connection, "busy", 8, "busy", leave_per_idle=4)
-    assert [job.job_id for job in busy] == queued[:6] and busy.deferred == 2  # 4 left: 2 fewer than it could take
+    assert [job.job_id for job in busy] == queued[4:] and busy.deferred == 2  # 4 left: 2 fewer than it could take
     idle = take(connection, "idle-a", 4, "idle")
-    assert [job.job_id for job in idle] == queued[6:]
+    assert [job.job_id for job in idle] == queued[:4]
     assert take(connection, "idle-a", 4, "idle") == []  # idle again
     fewer = submit(3)
     held_back = take(connection, "busy", 8, "busy", leave_per_idle=4)
     assert held_back == [] and held_back.deferred == 3  # all of them fit the idle worker's batch
     assert [job.job_id for job in take(connection, "idle-a", 4, "idle")] == fewer
+
+
+def test_the_jobs_left_to_idle_workers_are_the_first_in_priority_order(connection, submit):
+    """A busy worker would run what it takes after its running batch: the urgent jobs go to the idle worker."""
+    take(connection, "idle-a", 2, "idle")
+    low = submit(3)
+    urgent = submit(1, priority=9)
+    busy = take(connection, "busy", 8, "busy", leave_per_idle=2)
+    assert [job.job_id for job in busy] == low[1:] and busy.deferred == 2
+    assert [job.job_id for job in take(connection, "idle-a", 2, "idle")] == urgent + low[:1]
 
 
 def test_a_busy_worker_takes_everything_when_no_worker_is_idle(connection, submit):
