@@ -346,7 +346,7 @@ def progress(connection: redis.Redis, ended: list[Finished], *, ttl: int, worker
              worked_s: float, counters: tuple[str, int] = ("", 0), idle: tuple[str, float] = ("", 0.0)) -> None:
     """Write the jobs the model started, then the jobs that ended (STARTED always goes first: a batch
     starts before it ends); `counters` = (our worker registration key, generate calls to add); `idle`
-    = (the model's idle set key, seconds) registers a worker left with nothing to do as idle (see take)."""
+    = (the model's idle set key, seconds) registers the worker as idle if it then holds no job (see take)."""
     if not ended:
         return
     clock = Clock()

@@ -334,7 +334,7 @@ end
 -- A worker whose model has nothing left to do after these jobs, and that holds no other job, registers
 -- as idle (see take).
 -- ARGV: ttl, time, worker, iso, now, ts, seconds worked, our worker key, generate calls, worker id,
--- idle set key ('' while the worker is busy), idle until, n started, the ids of the jobs the model
+-- idle set key ('': never register, e.g. while the worker drains), idle until, n started, the ids of the jobs the model
 -- started, then per ended job 9 fields: id, queue key, execution id, outcome (ok | failed | stopped),
 -- state, error, result, started ts, rq exc_string.
 local function progress_body(ARGV)

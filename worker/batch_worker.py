@@ -328,13 +328,11 @@ class BatchWorker(ContinuousModelLoop, FinishingLoop):
                 running = metrics.RUNNING_JOBS.labels(settings.model_name)
                 metrics.BATCH_SIZE.labels(settings.model_name).observe(len(runnable))
                 running.set(len(runnable))
-                outcomes = self._run(runnable)
+                self._finishing.put(Batch(runnable, self._run(runnable)))
                 running.set(0)
-                self._busy = False  # before the finisher sees the batch: it tells Redis when we are idle
-                self._finishing.put(Batch(runnable, outcomes))
             self._busy = False
             # Not held while waiting for the next batch: an idle worker keeps no decoded image alive.
-            batch = runnable = held = outcomes = None
+            batch = runnable = held = None
 
     def _start(self, batch: list[Held]) -> list[Held]:
         """The jobs of `batch` the model runs now (STARTED is written for them); the others end here."""

@@ -59,9 +59,9 @@ class ContinuousModelLoop:
             with lock:
                 held = held_of.pop(id(outcome.request))
                 active = len(held_of)
-            self._busy = active > 0  # before the finisher sees the job: it tells Redis when we are idle
-            running.set(active)
             self._finishing.put(Batch([held], [outcome]))
+            running.set(active)
+            self._busy = active > 0
 
         self.engine.serve(pull, done)
         self._busy = False

@@ -59,10 +59,9 @@ class FinishingLoop:
         settings = self.settings
         if ended:
             calls = self.engine.generate_calls - self._generate_calls_written
-            with self._lock:
-                idle = self._accepting and not self._ready and not self._busy and any(
-                    item.outcome != "started" for item in ended)
-            idle_registration = (layout.idle_key(settings.model_name), settings.idle_registration_s) if idle else ("", 0)
+            # PROGRESS registers the worker as idle only if it then holds no job (none running, none ready).
+            idle_registration = ((layout.idle_key(settings.model_name), settings.idle_registration_s)
+                                 if self._accepting else ("", 0))
             self._retry_until_done("progress", lambda: rq_bridge.progress(
                 self.connection, ended, ttl=settings.result_ttl_s, worker_name=settings.worker_id,
                 worker_id=settings.worker_id, worked_s=worked, counters=(layout.worker_key(settings.worker_id), calls),
