@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from florence2_serve.common import redis_layout as layout  # noqa: E402
-from florence2_serve.common import rq_bridge  # noqa: E402
+from florence2_serve.common import redis_functions, rq_bridge  # noqa: E402
 from florence2_serve.server.jobs import new_job_id, new_record  # noqa: E402
 from florence2_serve.v1 import florence2_pb2 as pb  # noqa: E402
 
@@ -224,15 +224,15 @@ def partition(cluster: Cluster, tag: str, jobs: int, image: bytes) -> dict:
 def run(jobs: int) -> dict:
     """Both layouts on a fresh three-node cluster: {"today": one line per node, "partitions": a row each}."""
     image = (REPO / "examples" / "car.jpg").read_bytes()
-    assert QUEUES_SADD in rq_bridge.LIBRARY_CODE
+    assert QUEUES_SADD in redis_functions.LIBRARY_CODE
     with tempfile.TemporaryDirectory() as folder:
         cluster = Cluster(Path(folder))
         try:
             for client in cluster.clients:
-                client.function_load(rq_bridge.LIBRARY_CODE, replace=True)
+                client.function_load(redis_functions.LIBRARY_CODE, replace=True)
             refused = today(cluster, image)
             for client in cluster.clients:  # the one change: no cross-slot write of rq's global queue set
-                client.function_load(rq_bridge.LIBRARY_CODE.replace(QUEUES_SADD, ""), replace=True)
+                client.function_load(redis_functions.LIBRARY_CODE.replace(QUEUES_SADD, ""), replace=True)
             tags = []  # two partitions whose slots two different nodes own
             for candidate in (f"p{i}" for i in range(100)):
                 nodes = {cluster.node_of(layout.rq_queue_key(f"base{{{tag}}}")) for tag in tags}

@@ -8,7 +8,7 @@ rq Result. So `rq info`, rq-dashboard, and rq's own abandoned-job detection and 
 workers would leave them.
 
 What rq does per job in several blocking round trips, the Redis functions of common/rq_functions.lua
-do per *batch* in one call each (FCALL; the library is loaded once per server), atomically with this
+do per *batch* in one call each (FCALL through common/redis_functions.py), atomically with this
 service's own event writes. Entry points: enqueue (front end), cancel (front end), take, progress,
 requeue, heartbeat (workers), append (rq's failure callback). The rq_* helpers they share mirror:
 
@@ -44,17 +44,16 @@ import json
 import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import redis
 from rq import Callback, Queue, Retry
-from rq.defaults import RQ_KEY_PREFIX
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import utcformat
 
 from . import redis_layout as layout
 from .errors import JobError
+from .redis_functions import run_script, run_script_async
 
 RQ_VERSION_WRITTEN_AGAINST = (3, 0)
 QUEUE_KEY_PREFIX = Queue.redis_queue_namespace_prefix  # "rq:queue:"
@@ -86,64 +85,6 @@ class Clock:
         self.iso = utcformat(moment)
         self.ts = moment.timestamp()
         self.int = int(self.ts)
-
-
-# --------------------------------------------------------------------------------------------
-# The Redis function library (common/rq_functions.lua), registered once per Redis server.
-# --------------------------------------------------------------------------------------------
-
-ENTRY_POINTS = ("enqueue", "take", "progress", "requeue", "heartbeat", "cancel", "append")
-
-
-def _library() -> tuple[str, str, dict[str, str]]:
-    """(the library's code, its name, entry point -> function name).
-
-    Names carry a digest of the Lua (and the functions' flags), so processes of different versions can share one Redis.
-    """
-    lua = (Path(__file__).resolve().parent / "rq_functions.lua").read_text()
-    # Everything but enqueue may run when Redis is at its maxmemory: ending, requeueing and cancelling jobs
-    # is what frees memory (a job's image goes when it ends), and must never be refused for lack of it.
-    # Enqueue is refused instead (OOM), which Submit answers as QUEUE_FULL.
-    flags = {name: "" if name == "enqueue" else ", flags={'allow-oom'}" for name in ENTRY_POINTS}
-    digest = hashlib.sha1((lua + repr(sorted(flags.items()))).encode()).hexdigest()[:12]
-    functions = {name: f"f2s_{name}_{digest}" for name in ENTRY_POINTS}
-    registrations = "".join(
-        f"\nredis.register_function{{function_name='{functions[name]}', "
-        f"callback=function(keys, args) return {name}_body(args) end{flags[name]}}}"
-        for name in ENTRY_POINTS)
-    return f"#!lua name=florence2_serve_{digest}\n{lua}{registrations}\n", f"florence2_serve_{digest}", functions
-
-
-LIBRARY_CODE, LIBRARY_NAME, FUNCTIONS = _library()
-_PREFIX_ARGS = (RQ_KEY_PREFIX, layout.PREFIX)
-
-
-def _missing_function(exc: redis.exceptions.ResponseError) -> bool:
-    return "Function not found" in str(exc)
-
-
-def run_script(connection: redis.Redis, name: str, args):
-    """FCALL one of the library's entry points, loading the library first if Redis lacks it."""
-    function = FUNCTIONS[name]
-    try:
-        return connection.fcall(function, 0, *_PREFIX_ARGS, *args)
-    except redis.exceptions.ResponseError as exc:
-        if not _missing_function(exc):
-            raise
-    connection.function_load(LIBRARY_CODE, replace=True)
-    return connection.fcall(function, 0, *_PREFIX_ARGS, *args)
-
-
-async def run_script_async(connection, name: str, args):
-    """The same over a connection with `await execute(*command)` (server/redis_pipe.py)."""
-    function = FUNCTIONS[name]
-    try:
-        return await connection.execute("FCALL", function, 0, *_PREFIX_ARGS, *args)
-    except redis.exceptions.ResponseError as exc:
-        if not _missing_function(exc):
-            raise
-    await connection.execute("FUNCTION", "LOAD", "REPLACE", LIBRARY_CODE)
-    return await connection.execute("FCALL", function, 0, *_PREFIX_ARGS, *args)
 
 
 # --------------------------------------------------------------------------------------------
