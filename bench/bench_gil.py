@@ -60,25 +60,30 @@ def activity(stack: str) -> str:
     return "other"
 
 
-def model_thread_samples(raw: Path) -> dict[str, int]:
-    counts: dict[str, int] = {}
+def _stacks(raw: Path):
+    """(stack, sample count) per line of py-spy's raw output."""
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        yield stack, int(count)
+
+
+def model_thread_samples(raw: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for stack, count in _stacks(raw):
         head = stack.split(";", 1)[0]
         if not any(name in head for name in MODEL_THREAD):
             continue
         name = activity(stack)
-        counts[name] = counts.get(name, 0) + int(count)
+        counts[name] = counts.get(name, 0) + count
     return counts
 
 
 def thread_samples(raw: Path) -> dict[str, int]:
     """Samples per thread name (py-spy's `thread (tid): name` head), e.g. of the GIL held."""
     counts: dict[str, int] = {}
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
+    for stack, count in _stacks(raw):
         name = stack.split(";", 1)[0].split("): ", 1)[-1]
-        counts[name] = counts.get(name, 0) + int(count)
+        counts[name] = counts.get(name, 0) + count
     return counts
 
 
